@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Eddy's one entry point. Sets up what is missing, then:
+#   ./launch.sh [train flags...]     train (accelerate launch with the config that fits this machine)
+#   ./launch.sh test [pytest args]   run the test suite
+#   ./launch.sh sample [flags...]    sample from a checkpoint (trainer/sample.py)
+# Environment: EDDY_VENV (default .venv), EDDY_TORCH (pip spec for torch, default torch==2.13.0,
+# used only when torch is not installed yet), ACCELERATE_CONFIG (overrides the chosen config).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+
+VENV="${EDDY_VENV:-.venv}"
+PY="$VENV/bin/python"
+
+setup() {
+    if [ ! -x "$PY" ]; then
+        echo "launch.sh: creating the virtual environment $VENV" >&2
+        python3 -m venv "$VENV"
+    fi
+    if ! "$PY" -c "import torch" 2>/dev/null; then
+        echo "launch.sh: installing ${EDDY_TORCH:-torch==2.13.0}" >&2
+        "$PY" -m pip install -q "${EDDY_TORCH:-torch==2.13.0}"
+    fi
+    if ! "$PY" -c "import accelerate, einops, ema_pytorch, wandb, datasets, safetensors, yaml, pytest, models, trainer" 2>/dev/null; then
+        echo "launch.sh: installing Eddy and its dependencies" >&2
+        "$PY" -m pip install -q -e ".[dev]"
+    fi
+}
+
+pick_config() {
+    if [ -n "${ACCELERATE_CONFIG:-}" ]; then echo "$ACCELERATE_CONFIG"; return; fi
+    local gpus
+    gpus=$("$PY" -c "import torch; print(torch.cuda.device_count())")
+    if [ "$gpus" -eq 0 ]; then echo accelerate_configs/cpu.yaml
+    elif [ "$gpus" -eq 1 ]; then echo accelerate_configs/single_gpu.yaml
+    else echo "accelerate_configs/multi_gpu.yaml --num_processes $gpus"
+    fi
+}
+
+setup
+case "${1:-}" in
+    test)
+        shift
+        export HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 WANDB_MODE=offline WANDB_SILENT=true
+        exec "$PY" -m pytest "$@"
+        ;;
+    sample)
+        shift
+        exec "$PY" trainer/sample.py "$@"
+        ;;
+    *)
+        config=$(pick_config)
+        echo "launch.sh: accelerate launch --config_file $config trainer/train.py $*" >&2
+        # shellcheck disable=SC2086
+        exec "$VENV/bin/accelerate" launch --config_file $config trainer/train.py "$@"
+        ;;
+esac

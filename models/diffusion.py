@@ -1,0 +1,383 @@
+"""Gaussian diffusion over `[B, C, *spatial]` tensors: schedules, objectives, loss and samplers.
+
+Notation follows Ho et al. 2020: beta_t, alpha_t = 1 - beta_t, alpha_bar_t = prod_{s<=t} alpha_s,
+x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps. Timesteps are 0-based: t in [0, T).
+Data is in model space ([-1, 1] for images, standardized for physical fields); nothing here rescales it.
+"""
+
+import hashlib
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, reduce
+from torch import nn
+from tqdm.auto import tqdm
+
+from models.layers import default
+
+OBJECTIVES = ("pred_noise", "pred_x0", "pred_v")
+LOSS_TYPES = ("l1", "l2")
+
+
+# Beta schedules: pure functions of the number of steps, float64 [T].
+
+
+def linear_beta_schedule(timesteps):
+    """Ho et al. 2020: betas linear from 1e-4 to 0.02 at T=1000, both scaled by 1000/T."""
+    scale = 1000 / timesteps
+    if 0.02 * scale >= 1:
+        raise ValueError(
+            f"the linear beta schedule needs timesteps > 20 (its last beta is 20/timesteps), got {timesteps}"
+        )
+    return torch.linspace(1e-4 * scale, 0.02 * scale, timesteps, dtype=torch.float64)
+
+
+def _betas_from_alphas_cumprod(alphas_cumprod):
+    """alpha_bar at t = 0..T (alpha_bar(0) = 1) -> betas [T], clipped to 0.999 as in Nichol & Dhariwal 2021."""
+    betas = 1 - alphas_cumprod[1:] / alphas_cumprod[:-1]
+    return betas.clamp(0, 0.999)
+
+
+def cosine_beta_schedule(timesteps, s=0.008):
+    """Nichol & Dhariwal 2021, eq. 17: alpha_bar(t) = f(t) / f(0), f(t) = cos((t/T + s) / (1 + s) * pi/2)^2."""
+    t = torch.linspace(0, 1, timesteps + 1, dtype=torch.float64)
+    f = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2
+    return _betas_from_alphas_cumprod(f / f[0])
+
+
+def sigmoid_beta_schedule(timesteps, start=-3, end=3, tau=1):
+    """Jabri et al. 2022: alpha_bar(t) ~ (sigmoid(end/tau) - sigmoid(((end - start) t/T + start)/tau)), normalized
+    to 1 at t = 0. Works better than cosine for larger images."""
+    t = torch.linspace(0, 1, timesteps + 1, dtype=torch.float64)
+    v_start = torch.tensor(start / tau, dtype=torch.float64).sigmoid()
+    v_end = torch.tensor(end / tau, dtype=torch.float64).sigmoid()
+    alphas_cumprod = (v_end - ((t * (end - start) + start) / tau).sigmoid()) / (v_end - v_start)
+    return _betas_from_alphas_cumprod(alphas_cumprod / alphas_cumprod[0])
+
+
+BETA_SCHEDULES = {
+    "linear": linear_beta_schedule,
+    "cosine": cosine_beta_schedule,
+    "sigmoid": sigmoid_beta_schedule,
+}
+
+
+# Helpers.
+
+
+def extract(a, t, x_shape):
+    """a[t] for a schedule `a` [T] and timesteps t [B], shaped [B, 1, ..., 1] to broadcast over x_shape."""
+    out = a.gather(-1, t)
+    return rearrange(out, "b -> b" + " 1" * (len(x_shape) - 1))
+
+
+def randn(shape, *, generator, device, dtype=torch.float32):
+    """Standard normal draw from `generator` when given, else from the global RNG."""
+    return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+
+
+def ddim_timesteps(timesteps, sampling_timesteps):
+    """Pairs (t, t_next) over `sampling_timesteps` evenly spaced steps from T-1 down to 0 (both included);
+    t_next = -1 marks the final step, which returns the x0 estimate at t = 0."""
+    times = torch.linspace(timesteps - 1, 0, sampling_timesteps, dtype=torch.float64).round().long().tolist()
+    return list(zip(times, times[1:] + [-1]))
+
+
+# Samplers: x_T -> x_0 in model space. One signature; `diffusion` supplies the schedule and conversions.
+
+
+def ddpm_sample(diffusion, x_T, *, model, cond, generator, progress):
+    """Ancestral sampling (Ho et al. 2020, Algorithm 2) through the posterior q(x_{t-1} | x_t, x0_hat):
+    x_{t-1} = mu~_t(x0_hat, x_t) + sigma_t z, with mu~_t and sigma_t^2 = beta~_t from eq. 6-7, z = 0 at t = 0."""
+    x, x0 = x_T, None
+    batch = x.shape[0]
+    for time in tqdm(reversed(range(diffusion.num_timesteps)), total=diffusion.num_timesteps, disable=not progress):
+        t = torch.full((batch,), time, device=x.device, dtype=torch.long)
+        self_cond = x0 if diffusion.self_condition else None
+        _, x0 = diffusion.model_predictions(
+            x, t, model=model, cond=cond, x_self_cond=self_cond, clip_x0=diffusion.clip_denoised
+        )
+        mean, _, log_variance = diffusion.q_posterior(x0, x, t)
+        if time == 0:
+            x = mean
+        else:
+            z = randn(x.shape, generator=generator, device=x.device)
+            x = mean + (0.5 * log_variance).exp() * z
+    return x
+
+
+def ddim_sample(diffusion, x_T, *, model, cond, generator, progress, times, eta):
+    """DDIM (Song et al. 2021, eq. 12), writing a_t for alpha_bar_t and s for the next (earlier) step:
+    x_s = sqrt(a_s) x0_hat + sqrt(1 - a_s - sigma^2) eps_hat + sigma z,
+    sigma = eta sqrt((1 - a_s) / (1 - a_t)) sqrt(1 - a_t / a_s) (eq. 16). eta = 0 is deterministic,
+    eta = 1 matches DDPM's posterior noise. `times` comes from `ddim_timesteps`."""
+    x, x0 = x_T, None
+    batch = x.shape[0]
+    for time, time_next in tqdm(times, disable=not progress):
+        t = torch.full((batch,), time, device=x.device, dtype=torch.long)
+        self_cond = x0 if diffusion.self_condition else None
+        eps, x0 = diffusion.model_predictions(
+            x, t, model=model, cond=cond, x_self_cond=self_cond, clip_x0=diffusion.clip_denoised
+        )
+        if time_next < 0:
+            x = x0
+            continue
+        a_t = diffusion.alphas_cumprod[time]
+        a_s = diffusion.alphas_cumprod[time_next]
+        sigma = eta * ((1 - a_t / a_s) * (1 - a_s) / (1 - a_t)).sqrt()
+        c = (1 - a_s - sigma**2).clamp(min=0).sqrt()
+        x = a_s.sqrt() * x0 + c * eps
+        if eta > 0:
+            x = x + sigma * randn(x.shape, generator=generator, device=x.device)
+    return x
+
+
+class GaussianDiffusion(nn.Module):
+    """Wraps a denoising network; `forward(x0)` returns the training loss, `sample(n)` generates.
+
+    Args:
+        model: network called as `model(x_t, t, cond=cond, x_self_cond=...)`, with attributes
+            `channels` and `self_condition`.
+        sample_shape: shape of one sample, `(C, *spatial)`.
+        timesteps: number of diffusion steps T.
+        sampling_timesteps: default steps for `sample()`; None or T -> ancestral DDPM, fewer -> DDIM.
+        objective: what the network predicts: "pred_noise" (eps), "pred_x0" or "pred_v"
+            (v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0, Salimans & Ho 2022).
+        beta_schedule: "linear", "cosine" or "sigmoid".
+        schedule_kwargs: extra keyword arguments of the schedule function (e.g. `s`, `start`, `tau`).
+        loss_type: "l1" or "l2" on the objective's target.
+        min_snr_loss_weight: weight the loss by min-SNR-gamma (Hang et al. 2023).
+        min_snr_gamma: gamma of min-SNR weighting.
+        offset_noise_strength: add this times a per-(sample, channel) constant normal to the noise.
+        ddim_eta: default eta of DDIM sampling.
+        clip_denoised: clamp predicted x0 to [-1, 1] while sampling; False for unbounded fields.
+    """
+
+    def __init__(
+        self,
+        model,
+        *,
+        sample_shape,
+        timesteps=1000,
+        sampling_timesteps=None,
+        objective="pred_v",
+        beta_schedule="sigmoid",
+        schedule_kwargs=None,
+        loss_type="l2",
+        min_snr_loss_weight=False,
+        min_snr_gamma=5.0,
+        offset_noise_strength=0.0,
+        ddim_eta=0.0,
+        clip_denoised=True,
+    ):
+        super().__init__()
+        if objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {objective!r}; valid: {', '.join(OBJECTIVES)}")
+        if beta_schedule not in BETA_SCHEDULES:
+            raise ValueError(f"unknown beta_schedule {beta_schedule!r}; valid: {', '.join(BETA_SCHEDULES)}")
+        if loss_type not in LOSS_TYPES:
+            raise ValueError(f"unknown loss_type {loss_type!r}; valid: {', '.join(LOSS_TYPES)}")
+        sample_shape = tuple(sample_shape)
+        if sample_shape[0] != model.channels:
+            raise ValueError(
+                f"sample_shape {sample_shape} starts with {sample_shape[0]} channels but the network has "
+                f"{model.channels}"
+            )
+
+        self.model = model
+        self.sample_shape = sample_shape
+        self.channels = model.channels
+        self.self_condition = model.self_condition
+        self.objective = objective
+        self.loss_type = loss_type
+        self.offset_noise_strength = offset_noise_strength
+        self.ddim_eta = ddim_eta
+        self.clip_denoised = clip_denoised
+
+        betas = BETA_SCHEDULES[beta_schedule](timesteps, **default(schedule_kwargs, {}))
+        self.num_timesteps = len(betas)
+        self.sampling_timesteps = self._check_sampling_timesteps(default(sampling_timesteps, timesteps))
+
+        # Schedule tensors, computed in float64 and stored as float32 buffers outside the state dict.
+        alphas = 1 - betas
+        alphas_cumprod = torch.cumprod(alphas, dim=0)
+        alphas_cumprod_prev = F.pad(alphas_cumprod[:-1], (1, 0), value=1.0)
+        posterior_variance = betas * (1 - alphas_cumprod_prev) / (1 - alphas_cumprod)  # beta~_t, eq. 7
+        snr = alphas_cumprod / (1 - alphas_cumprod)
+        if min_snr_loss_weight:  # Hang et al. 2023: weight min(snr, gamma) on the x0 loss, converted.
+            clipped_snr = snr.clamp(max=min_snr_gamma)
+            loss_weight = {
+                "pred_noise": clipped_snr / snr,
+                "pred_x0": clipped_snr,
+                "pred_v": clipped_snr / (snr + 1),
+            }[objective]
+        else:
+            loss_weight = torch.ones_like(snr)
+
+        schedule = {
+            "betas": betas,
+            "alphas_cumprod": alphas_cumprod,
+            "alphas_cumprod_prev": alphas_cumprod_prev,
+            "sqrt_alphas_cumprod": alphas_cumprod.sqrt(),
+            "sqrt_one_minus_alphas_cumprod": (1 - alphas_cumprod).sqrt(),
+            "sqrt_recip_alphas_cumprod": (1 / alphas_cumprod).sqrt(),
+            "sqrt_recipm1_alphas_cumprod": (1 / alphas_cumprod - 1).sqrt(),
+            "posterior_variance": posterior_variance,
+            # beta~_0 = 0: its log takes beta~_1 instead (it is never used to add noise).
+            "posterior_log_variance_clipped": torch.cat((posterior_variance[1:2], posterior_variance[1:])).log(),
+            "posterior_mean_coef1": betas * alphas_cumprod_prev.sqrt() / (1 - alphas_cumprod),
+            "posterior_mean_coef2": (1 - alphas_cumprod_prev) * alphas.sqrt() / (1 - alphas_cumprod),
+            "snr": snr,
+            "loss_weight": loss_weight,
+        }
+        for name, value in schedule.items():
+            self.register_buffer(name, value.float(), persistent=False)
+
+    def _check_sampling_timesteps(self, steps):
+        if not 1 <= steps <= self.num_timesteps:
+            raise ValueError(f"sampling_timesteps must be in [1, timesteps={self.num_timesteps}], got {steps}")
+        return steps
+
+    # Conversions between x0, eps and v at step t.
+
+    def q_sample(self, x0, t, noise):
+        """x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps (Ho et al. 2020, eq. 4)."""
+        return (
+            extract(self.sqrt_alphas_cumprod, t, x0.shape) * x0
+            + extract(self.sqrt_one_minus_alphas_cumprod, t, x0.shape) * noise
+        )
+
+    def predict_start_from_noise(self, x_t, t, noise):
+        return (
+            extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
+            - extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * noise
+        )
+
+    def predict_noise_from_start(self, x_t, t, x0):
+        return (extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t - x0) / extract(
+            self.sqrt_recipm1_alphas_cumprod, t, x_t.shape
+        )
+
+    def predict_v(self, x0, t, noise):
+        """v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x0 (Salimans & Ho 2022)."""
+        return (
+            extract(self.sqrt_alphas_cumprod, t, x0.shape) * noise
+            - extract(self.sqrt_one_minus_alphas_cumprod, t, x0.shape) * x0
+        )
+
+    def predict_start_from_v(self, x_t, t, v):
+        return (
+            extract(self.sqrt_alphas_cumprod, t, x_t.shape) * x_t
+            - extract(self.sqrt_one_minus_alphas_cumprod, t, x_t.shape) * v
+        )
+
+    def q_posterior(self, x0, x_t, t):
+        """Mean, variance and log-variance of q(x_{t-1} | x_t, x0) (Ho et al. 2020, eq. 6-7)."""
+        mean = (
+            extract(self.posterior_mean_coef1, t, x_t.shape) * x0
+            + extract(self.posterior_mean_coef2, t, x_t.shape) * x_t
+        )
+        variance = extract(self.posterior_variance, t, x_t.shape)
+        log_variance = extract(self.posterior_log_variance_clipped, t, x_t.shape)
+        return mean, variance, log_variance
+
+    def model_predictions(self, x, t, *, model=None, cond=None, x_self_cond=None, clip_x0=False):
+        """Run the network on x_t and return (eps_hat, x0_hat) in fp32, consistent with each other.
+
+        With `clip_x0`, x0_hat is clamped to [-1, 1] and eps_hat re-derived from the clamped x0_hat.
+        """
+        net = default(model, self.model)
+        out = net(x, t, cond=cond, x_self_cond=x_self_cond).float()
+        x = x.float()
+        if self.objective == "pred_noise":
+            pred_noise = out
+            x0 = self.predict_start_from_noise(x, t, out)
+        elif self.objective == "pred_x0":
+            x0 = out
+        else:
+            x0 = self.predict_start_from_v(x, t, out)
+        if clip_x0:
+            x0 = x0.clamp(-1.0, 1.0)
+        if clip_x0 or self.objective != "pred_noise":
+            pred_noise = self.predict_noise_from_start(x, t, x0)
+        return pred_noise, x0
+
+    # Training.
+
+    def forward(self, x0, *, cond=None, generator=None):
+        """Training loss (fp32 scalar) at random t ~ U{0..T-1}; draws use `generator` when given."""
+        batch, device = x0.shape[0], x0.device
+        t = torch.randint(0, self.num_timesteps, (batch,), device=device, generator=generator)
+        noise = randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
+        if self.offset_noise_strength > 0:  # one constant per (sample, channel): shifts the mean too
+            offset_shape = (*x0.shape[:2], *(1,) * (x0.ndim - 2))
+            noise = noise + self.offset_noise_strength * randn(
+                offset_shape, generator=generator, device=device, dtype=x0.dtype
+            )
+        return self.p_losses(x0, t, noise, cond=cond, generator=generator)
+
+    def p_losses(self, x0, t, noise, *, cond=None, generator=None):
+        """Loss at given timesteps t [B] and noise (shaped like x0); `generator` only feeds the
+        self-conditioning coin."""
+        x_t = self.q_sample(x0, t, noise)
+
+        # Self-conditioning (Chen et al. 2022): half the time, condition on a detached x0 estimate.
+        x_self_cond = None
+        if self.self_condition and self._self_condition_coin(generator):
+            with torch.no_grad():
+                _, x_self_cond = self.model_predictions(x_t, t, cond=cond)
+            x_self_cond = x_self_cond.detach().to(x0.dtype)
+
+        model_out = self.model(x_t, t, cond=cond, x_self_cond=x_self_cond).float()
+        if self.objective == "pred_noise":
+            target = noise
+        elif self.objective == "pred_x0":
+            target = x0
+        else:
+            target = self.predict_v(x0, t, noise)
+        target = target.float()
+
+        if self.loss_type == "l1":
+            loss = F.l1_loss(model_out, target, reduction="none")
+        else:
+            loss = F.mse_loss(model_out, target, reduction="none")
+        loss = reduce(loss, "b ... -> b", "mean")
+        return (loss * extract(self.loss_weight, t, loss.shape)).mean()
+
+    @staticmethod
+    def _self_condition_coin(generator):
+        """A fair coin drawn on the host, so the step never waits on the device.
+
+        With a generator, the coin is seeded from the generator's state (kept on the host, also for
+        CUDA generators), which advances with every draw: reproducible, and new at every step.
+        """
+        if generator is None:
+            return torch.rand(()).item() < 0.5
+        digest = hashlib.blake2b(generator.get_state().numpy().tobytes(), digest_size=8).digest()
+        host = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+        return torch.rand((), generator=host).item() < 0.5
+
+    # Sampling.
+
+    @torch.no_grad()
+    def sample(self, batch_size, *, model=None, cond=None, generator=None, sampling_timesteps=None, eta=None,
+               progress=False):
+        """Generate `[batch_size, *sample_shape]` in model space.
+
+        Args:
+            model: network to sample with (e.g. the EMA copy); default the trained one.
+            cond: static condition passed to the network as `cond=`.
+            generator: torch.Generator on the buffers' device for every random draw.
+            sampling_timesteps: steps; fewer than `timesteps` uses DDIM (default: the constructor's).
+            eta: DDIM noise scale (default: the constructor's `ddim_eta`).
+            progress: show a tqdm bar.
+        """
+        model = default(model, self.model)
+        steps = self._check_sampling_timesteps(default(sampling_timesteps, self.sampling_timesteps))
+        eta = default(eta, self.ddim_eta)
+        x_T = randn((batch_size, *self.sample_shape), generator=generator, device=self.betas.device)
+        common = dict(model=model, cond=cond, generator=generator, progress=progress)
+        if steps < self.num_timesteps:
+            return ddim_sample(self, x_T, **common, times=ddim_timesteps(self.num_timesteps, steps), eta=eta)
+        return ddpm_sample(self, x_T, **common)

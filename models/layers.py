@@ -1,0 +1,220 @@
+"""Blocks shared by the 2D Unet and the Unet3D.
+
+Everything here works on `[B, C, H, W]`; the Unet3D applies the same blocks per frame on
+`(b f) c h w` tensors and reuses the token-level attention cores (`attend`, `linear_attend`) for its
+temporal attention over `[B*H*W, heads, F, d]`.
+"""
+
+import math
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, reduce
+from einops.layers.torch import Rearrange
+from torch import nn
+
+# Small helper vocabulary, defined once for the whole `models` package.
+
+
+def exists(x):
+    return x is not None
+
+
+def default(val, d):
+    """`val` unless it is None, else `d` (never called: modules are callable too)."""
+    return val if exists(val) else d
+
+
+def cast_tuple(t, length=1):
+    return t if isinstance(t, tuple) else (t,) * length
+
+
+def divisible_by(numer, denom):
+    return (numer % denom) == 0
+
+
+# Time embeddings: t [B] -> [B, dim] (or [B, dim + 1] for the Fourier features).
+
+
+class SinusoidalPosEmb(nn.Module):
+    """Transformer position encoding of the (possibly fractional) timestep."""
+
+    def __init__(self, dim, theta=10000):
+        super().__init__()
+        if dim < 4 or not divisible_by(dim, 2):
+            raise ValueError(f"SinusoidalPosEmb needs an even dim >= 4, got {dim}")
+        self.dim = dim
+        self.theta = theta
+
+    def forward(self, t):
+        half = self.dim // 2
+        freqs = torch.exp(
+            torch.arange(half, device=t.device, dtype=torch.float32) * (-math.log(self.theta) / (half - 1))
+        )
+        args = rearrange(t.float(), "b -> b 1") * rearrange(freqs, "d -> 1 d")
+        return torch.cat((args.sin(), args.cos()), dim=-1)
+
+
+class RandomOrLearnedSinusoidalPosEmb(nn.Module):
+    """Fourier features of t with learned (or fixed random) frequencies; output is [t, sin, cos].
+
+    Output dim is `dim + 1`: the raw t is kept as the first feature.
+    """
+
+    def __init__(self, dim, is_random=False):
+        super().__init__()
+        if not divisible_by(dim, 2):
+            raise ValueError(f"RandomOrLearnedSinusoidalPosEmb needs an even dim, got {dim}")
+        self.weights = nn.Parameter(torch.randn(dim // 2), requires_grad=not is_random)
+
+    def forward(self, t):
+        t = rearrange(t.float(), "b -> b 1")
+        freqs = t * rearrange(self.weights, "d -> 1 d") * 2 * math.pi
+        return torch.cat((t, freqs.sin(), freqs.cos()), dim=-1)
+
+
+# Convolutional blocks.
+
+
+class WeightStandardizedConv2d(nn.Conv2d):
+    """Conv2d whose kernel is standardized per output channel (Qiao et al. 2019); pairs with GroupNorm."""
+
+    def forward(self, x):
+        eps = 1e-5 if x.dtype == torch.float32 else 1e-3
+        weight = self.weight
+        mean = reduce(weight, "o ... -> o 1 1 1", "mean")
+        var = reduce(weight, "o ... -> o 1 1 1", partial(torch.var, unbiased=False))
+        weight = (weight - mean) * (var + eps).rsqrt()
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class Block(nn.Module):
+    """WS conv3x3 -> GroupNorm -> optional (scale + 1, shift) -> SiLU -> dropout."""
+
+    def __init__(self, dim, dim_out, groups=8, dropout=0.0):
+        super().__init__()
+        self.proj = WeightStandardizedConv2d(dim, dim_out, 3, padding=1)
+        self.norm = nn.GroupNorm(groups, dim_out)
+        self.act = nn.SiLU()
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x, scale_shift=None):
+        x = self.norm(self.proj(x))
+        if exists(scale_shift):
+            scale, shift = scale_shift
+            x = x * (scale + 1) + shift
+        return self.dropout(self.act(x))
+
+
+class ResnetBlock(nn.Module):
+    """Two Blocks with a residual; the time embedding scales and shifts the first block's features."""
+
+    def __init__(self, dim, dim_out, *, time_emb_dim=None, groups=8, dropout=0.0):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.SiLU(), nn.Linear(time_emb_dim, dim_out * 2)) if exists(time_emb_dim) else None
+        self.block1 = Block(dim, dim_out, groups=groups, dropout=dropout)
+        self.block2 = Block(dim_out, dim_out, groups=groups)
+        self.res_conv = nn.Conv2d(dim, dim_out, 1) if dim != dim_out else nn.Identity()
+
+    def forward(self, x, time_emb=None):
+        scale_shift = None
+        if exists(self.mlp) and exists(time_emb):
+            time_emb = rearrange(self.mlp(time_emb), "b c -> b c 1 1")
+            scale_shift = time_emb.chunk(2, dim=1)
+        h = self.block1(x, scale_shift=scale_shift)
+        h = self.block2(h)
+        return h + self.res_conv(x)
+
+
+# Normalization and attention.
+
+
+class RMSNorm(nn.Module):
+    """RMS norm over the channel axis of `[B, C, *spatial]`, with a learned per-channel gain."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.scale = dim**0.5
+        self.g = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        g = rearrange(self.g, "c -> c" + " 1" * (x.ndim - 2))
+        return F.normalize(x, dim=1) * g * self.scale
+
+
+def attend(q, k, v):
+    """Softmax attention, q, k, v: [B, heads, N, d] -> [B, heads, N, d], scale 1/sqrt(d).
+
+    Goes through `scaled_dot_product_attention` so fused kernels are used where available.
+    """
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def linear_attend(q, k, v):
+    """Efficient attention (Shen et al. 2021), q, k, v: [B, heads, N, d] -> [B, heads, N, d].
+
+    softmax over d on q, softmax over tokens on k, then out = q (k^T v): cost linear in N.
+    """
+    q = q.softmax(dim=-1)
+    k = k.softmax(dim=-2)
+    context = torch.einsum("b h n d, b h n e -> b h d e", k, v)
+    return torch.einsum("b h n d, b h d e -> b h n e", q, context)
+
+
+class _SpatialAttention(nn.Module):
+    """Pre-norm, 1x1 qkv projection, token core over the H*W pixels, 1x1 output projection.
+
+    Subclasses set `core` to a token-level attention function. The residual is added by the caller.
+    """
+
+    def __init__(self, dim, heads=4, dim_head=32):
+        super().__init__()
+        self.heads = heads
+        hidden = heads * dim_head
+        self.norm = RMSNorm(dim)
+        self.to_qkv = nn.Conv2d(dim, hidden * 3, 1, bias=False)
+        self.to_out = nn.Conv2d(hidden, dim, 1)
+
+    def forward(self, x):  # x: [B, C, H, W]
+        height = x.shape[-2]
+        qkv = self.to_qkv(self.norm(x)).chunk(3, dim=1)
+        q, k, v = (rearrange(z, "b (h d) x y -> b h (x y) d", h=self.heads) for z in qkv)
+        out = self.core(q, k, v)  # [B, heads, H*W, d]
+        out = rearrange(out, "b h (x y) d -> b (h d) x y", x=height)
+        return self.to_out(out)
+
+
+class Attention(_SpatialAttention):
+    """Full softmax attention over the pixels of `[B, C, H, W]`."""
+
+    core = staticmethod(attend)
+
+
+class LinearAttention(_SpatialAttention):
+    """Linear (efficient) attention over the pixels of `[B, C, H, W]`; output is RMS-normalized."""
+
+    core = staticmethod(linear_attend)
+
+    def __init__(self, dim, heads=4, dim_head=32):
+        super().__init__(dim, heads, dim_head)
+        self.to_out = nn.Sequential(nn.Conv2d(heads * dim_head, dim, 1), RMSNorm(dim))
+
+
+# Resolution changes.
+
+
+def Downsample(dim, dim_out):
+    """Halve H and W without losing pixels: pixel-unshuffle, then 1x1 conv."""
+    return nn.Sequential(
+        Rearrange("b c (h p1) (w p2) -> b (c p1 p2) h w", p1=2, p2=2),
+        nn.Conv2d(dim * 4, dim_out, 1),
+    )
+
+
+def Upsample(dim, dim_out):
+    """Double H and W: nearest neighbour, then 3x3 conv."""
+    return nn.Sequential(
+        nn.Upsample(scale_factor=2, mode="nearest"),
+        nn.Conv2d(dim, dim_out, 3, padding=1),
+    )

@@ -1,0 +1,208 @@
+"""Atomic, validated checkpoints: one folder per save, committed by a marker, rotated after commit.
+
+Layout of a run folder:
+
+    run/checkpoints/step-00001000/
+        model.safetensors      network weights
+        ema.safetensors        EMA network weights (+ the EMA's counters)
+        optimizer.pt           optimizer (and grad scaler) state, loadable with weights_only=True
+        state.json             trainer counters: step, images seen, data position, tracker run id, config
+        COMMITTED              written last: sha256 and size of every file above
+
+A save writes into `.tmp-step-...`, fsyncs every file, writes COMMITTED, then renames the folder
+into place, so a crash at any moment leaves either the complete new checkpoint or nothing that
+resume would take. Old checkpoints are pruned only after the new one is committed. On resume the
+newest committed checkpoint whose files match their recorded hashes is taken; a damaged one is
+reported and the one before it is used.
+
+All decisions are made on the main process and broadcast, so every rank loads the same folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from trainer.errors import CheckpointError
+
+MARKER = "COMMITTED"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+@dataclass
+class Checkpoint:
+    """What a checkpoint holds, as plain tensors, numbers and strings."""
+
+    model: dict[str, torch.Tensor]
+    ema: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    state: dict[str, Any]
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def _fsync_write(path: Path, write: Callable[[Path], None]) -> None:
+    write(path)
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_checkpoint(folder: Path, ckpt: Checkpoint) -> Path:
+    """Write `ckpt` atomically as `folder` (which must not exist). Returns the folder.
+
+    On any error the temporary folder is removed and the error re-raised; nothing at `folder` changes.
+    """
+    tmp = folder.parent / f".tmp-{folder.name}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        files = {
+            "model.safetensors": lambda p: save_file(_contiguous(ckpt.model), str(p)),
+            "ema.safetensors": lambda p: save_file(_contiguous(ckpt.ema), str(p)),
+            "optimizer.pt": lambda p: torch.save(ckpt.optimizer, p),
+            "state.json": lambda p: p.write_text(json.dumps(ckpt.state, indent=2)),
+        }
+        manifest = {}
+        for name, write in files.items():
+            _fsync_write(tmp / name, write)
+            manifest[name] = {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
+        marker = {"step": ckpt.state.get("step"), "files": manifest}
+        _fsync_write(tmp / MARKER, lambda p: p.write_text(json.dumps(marker, indent=2)))
+        _fsync_dir(tmp)
+        if folder.exists():  # a re-save of the same step (e.g. after a rollback): replace it
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+        _fsync_dir(folder.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def _contiguous(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
+
+
+def verify(folder: Path) -> None:
+    """Raise CheckpointError unless `folder` is committed and every file matches its recorded hash."""
+    marker = folder / MARKER
+    if not marker.is_file():
+        raise CheckpointError(f"{folder} has no {MARKER} marker: it was never completed.")
+    try:
+        manifest = json.loads(marker.read_text())["files"]
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"{marker} is unreadable: {e}") from None
+    for name, info in manifest.items():
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing.")
+        if path.stat().st_size != info["bytes"]:
+            raise CheckpointError(f"{path} has {path.stat().st_size} bytes, expected {info['bytes']} (truncated?).")
+        if _sha256(path) != info["sha256"]:
+            raise CheckpointError(f"{path} does not match its recorded sha256 (corrupted).")
+
+
+def read_checkpoint(folder: Path) -> Checkpoint:
+    """Load a verified checkpoint. Nothing is unpickled as arbitrary objects."""
+    verify(folder)
+    try:
+        optimizer = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
+    except Exception as e:  # weights_only refuses anything but tensors and plain containers
+        raise CheckpointError(f"{folder / 'optimizer.pt'} could not be loaded safely: {e}") from None
+    return Checkpoint(
+        model=load_file(str(folder / "model.safetensors")),
+        ema=load_file(str(folder / "ema.safetensors")),
+        optimizer=optimizer,
+        state=json.loads((folder / "state.json").read_text()),
+    )
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Committed checkpoint folders of a run, oldest first."""
+    ckpt_root = run_dir / "checkpoints"
+    if not ckpt_root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in ckpt_root.iterdir()
+             if (m := _STEP_DIR.match(p.name)) and (p / MARKER).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def clean_leftovers(run_dir: Path) -> list[Path]:
+    """Remove temporary and uncommitted folders left by a crash. Returns what was removed."""
+    ckpt_root = run_dir / "checkpoints"
+    removed = []
+    if ckpt_root.is_dir():
+        for p in ckpt_root.iterdir():
+            if p.name.startswith(".tmp-") or (_STEP_DIR.match(p.name) and not (p / MARKER).is_file()):
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+    return removed
+
+
+def prune(run_dir: Path, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` committed checkpoints (never fewer than 2 are kept)."""
+    keep = max(2, keep)
+    ckpts = list_checkpoints(run_dir)
+    doomed = ckpts[:-keep] if len(ckpts) > keep else []
+    for p in doomed:
+        shutil.rmtree(p, ignore_errors=True)
+    return doomed
+
+
+def load_latest_good(run_dir: Path, warn: Callable[[str], None]) -> tuple[Path, Checkpoint] | None:
+    """The newest checkpoint of `run_dir` that verifies and loads; damaged ones are reported and skipped."""
+    for folder in reversed(list_checkpoints(run_dir)):
+        try:
+            return folder, read_checkpoint(folder)
+        except (CheckpointError, OSError, RuntimeError, ValueError) as e:
+            warn(f"checkpoint {folder} is damaged and is skipped: {e}")
+    return None
+
+
+def find_run_to_resume(resume: str, results_path: Path) -> tuple[Path, Path | None]:
+    """Resolve `--resume` to (run folder, explicit checkpoint folder or None for 'newest good')."""
+    if resume == "latest":
+        runs = [p for p in results_path.iterdir() if p.is_dir() and list_checkpoints(p)] \
+            if results_path.is_dir() else []
+        if not runs:
+            raise CheckpointError(f"--resume latest: no run with a checkpoint under --results_path {results_path}. "
+                                  f"Start without --resume, or point --results_path at the folder of your runs.")
+        newest = max(runs, key=lambda p: list_checkpoints(p)[-1].stat().st_mtime)
+        return newest, None
+    path = Path(resume)
+    if not path.exists():
+        raise CheckpointError(f"--resume {resume}: no such run or checkpoint folder.")
+    if (path / MARKER).is_file() or _STEP_DIR.match(path.name):
+        return path.parent.parent, path
+    if not list_checkpoints(path):
+        raise CheckpointError(f"--resume {resume}: this folder holds no committed checkpoint "
+                              f"(expected {path}/checkpoints/step-*/{MARKER}).")
+    return path, None

@@ -1,0 +1,294 @@
+"""One typed config for a run, validated before anything heavy starts.
+
+The config is a tree of dataclasses, one per concern. Every field carries its help text in
+`metadata["help"]`; `train.py` turns the fields into argparse flags (flat names such as
+`--batch_size`, as research users expect), and the README's flag reference is generated from the
+same source. Precedence, lowest first: field defaults < preset < `--config file.yaml` < flags.
+
+A preset fills in sizes that depend on the hardware: `tiny` trains a small model in a few CPU
+minutes, `full` a real-size one; `auto` picks `full` when a GPU is present, else `tiny`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from trainer.errors import ConfigError
+
+OBJECTIVES = ("pred_noise", "pred_x0", "pred_v")
+BETA_SCHEDULES = ("linear", "cosine", "sigmoid")
+LOSS_TYPES = ("l1", "l2")
+MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
+LR_SCHEDULES = ("constant", "cosine", "step")
+REPORT_TO = ("wandb", "tensorboard", "none")
+PRESETS = ("auto", "tiny", "full")
+
+
+def _field(default: Any, help: str, *, choices: tuple | None = None, **kw) -> Any:
+    meta = {"help": help}
+    if choices is not None:
+        meta["choices"] = choices
+    if isinstance(default, (list, tuple)):
+        return field(default_factory=lambda: tuple(default), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+@dataclass
+class ModelConfig:
+    dim: int = _field(64, "Base channel width of the Unet.")
+    dim_mults: tuple[int, ...] = _field((1, 2, 4, 8), "Width multiplier per resolution level; "
+                                        "the image is halved len(dim_mults)-1 times.")
+    attn_heads: int = _field(4, "Attention heads.")
+    attn_dim_head: int = _field(32, "Width of one attention head.")
+    dropout: float = _field(0.0, "Dropout inside the ResnetBlocks.")
+    self_condition: bool = _field(False, "Feed the model its own previous x0 estimate (Chen et al. 2022).")
+    learned_sinusoidal_cond: bool = _field(False, "Learned Fourier features for the time embedding.")
+    random_fourier_features: bool = _field(False, "Random (fixed) Fourier features for the time embedding.")
+
+
+@dataclass
+class DiffusionConfig:
+    timesteps: int = _field(1000, "Diffusion steps T of the forward process.")
+    sampling_timesteps: int = _field(250, "Steps when sampling: fewer than --timesteps uses DDIM, "
+                                     "equal uses ancestral DDPM.")
+    objective: str = _field("pred_v", "What the network predicts.", choices=OBJECTIVES)
+    beta_schedule: str = _field("sigmoid", "Noise schedule.", choices=BETA_SCHEDULES)
+    loss_type: str = _field("l2", "Regression loss on the objective.", choices=LOSS_TYPES)
+    min_snr_loss_weight: bool = _field(False, "Min-SNR-gamma loss weighting (Hang et al. 2023).")
+    min_snr_gamma: float = _field(5.0, "Gamma of the min-SNR weighting.")
+    offset_noise_strength: float = _field(0.0, "Offset noise strength (0 disables; 0.1 is typical).")
+    ddim_eta: float = _field(0.0, "DDIM eta: 0 is deterministic, 1 is DDPM-like.")
+    clip_denoised: bool = _field(True, "Clip predicted x0 to [-1, 1] while sampling "
+                                 "(images: yes; physical fields: no).")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = _field("shapes", "A built-in dataset (shapes, two_modes), a Hugging Face Hub "
+                          "dataset name, or a folder saved with datasets' save_to_disk.")
+    train_data_dir: str | None = _field(None, "A folder of images (any depth) to train on; "
+                                        "read with datasets' imagefolder.")
+    image_column: str | None = _field(None, "Image column of a Hub dataset (default: the first image column).")
+    split: str = _field("train", "Split of a Hub dataset.")
+    image_size: int = _field(32, "Side of the square training images, in pixels.")
+    channels: int = _field(3, "Image channels: 3 for RGB, 1 for grayscale.")
+    random_flip: bool = _field(True, "Random horizontal flips, drawn from the seeded step generator.")
+    num_workers: int = _field(-1, "DataLoader workers per process; -1 picks 0 on CPU and "
+                              "min(8, cores per process) on GPU.")
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = _field(16, "Batch size per device (per process).")
+    grad_accum: int = _field(1, "Micro-batches accumulated per optimizer step.")
+    train_num_steps: int = _field(100_000, "Optimizer steps to train for.")
+    lr: float = _field(8e-5, "Peak learning rate of AdamW.")
+    adam_betas: tuple[float, ...] = _field((0.9, 0.99), "AdamW betas.")
+    weight_decay: float = _field(0.0, "AdamW weight decay.")
+    max_grad_norm: float = _field(1.0, "Clip the gradient norm to this (0 disables clipping).")
+    lr_warmup_steps: int = _field(0, "Linear learning-rate warm-up steps.")
+    lr_schedule: str = _field("constant", "Learning rate after warm-up.", choices=LR_SCHEDULES)
+    lr_decay_steps: tuple[int, ...] = _field((50_000, 150_000, 300_000),
+                                             "Steps at which --lr_schedule step multiplies the LR by --lr_decay_factor.")
+    lr_decay_factor: float = _field(0.1, "Factor of each step decay.")
+    ema_decay: float = _field(0.995, "EMA decay (beta).")
+    ema_update_every: int = _field(10, "Update the EMA every this many optimizer steps.")
+    ema_update_after_step: int = _field(100, "Copy the weights into the EMA until this step, then average.")
+    save_and_sample_every: int = _field(1000, "Save a checkpoint and an EMA sample grid every this many steps.")
+    num_samples: int = _field(16, "Samples per save-and-sample, split across processes.")
+    log_every: int = _field(10, "Reduce and log loss, LR, gradient norm and throughput every this many steps.")
+    mixed_precision: str = _field("auto", "auto: bf16 on GPUs that support it, else no.", choices=MIXED_PRECISION)
+    seed: int = _field(0, "Seed of the data order, the noise and the initial weights.")
+    max_nonfinite_steps: int = _field(20, "Consecutive steps with a non-finite loss or gradient (each skipped) "
+                                      "before the run stops with an error.")
+
+
+@dataclass
+class RunConfig:
+    results_path: str = _field("results", "Folder that holds one subfolder per run.")
+    run_name: str | None = _field(None, "Name of the run folder (default: the start time).")
+    resume: str | None = _field(None, "latest: the newest run under --results_path; or a run folder "
+                                "or checkpoint folder.")
+    checkpoints_total_limit: int = _field(3, "Checkpoints kept per run (at least 2).")
+    report_to: str = _field("wandb", "Experiment tracker. W&B goes offline by itself when no API key is set.",
+                            choices=REPORT_TO)
+    wandb_project: str = _field("eddy", "W&B project name.")
+    preset: str = _field("auto", "Size preset: tiny (CPU minutes), full (GPU), auto (full if a GPU is present).",
+                         choices=PRESETS)
+
+
+SECTIONS = {"model": ModelConfig, "diffusion": DiffusionConfig, "data": DataConfig,
+            "train": TrainConfig, "run": RunConfig}
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+
+    def flat(self) -> dict[str, Any]:
+        return {k: v for section in self.to_dict().values() for k, v in section.items()}
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+# Presets: sizes that depend on the hardware. Only fields the user did not set are taken from here.
+PRESET_VALUES = {
+    "tiny": dict(dim=32, dim_mults=(1, 2, 2), attn_heads=2, attn_dim_head=16, image_size=16,
+                 batch_size=16, train_num_steps=1000, lr=1e-3, lr_warmup_steps=50,
+                 sampling_timesteps=50, save_and_sample_every=250, num_samples=16,
+                 ema_update_after_step=50, ema_decay=0.99, ema_update_every=1, log_every=25),
+    "full": dict(dim=64, dim_mults=(1, 2, 4, 8), image_size=32, batch_size=64, train_num_steps=100_000,
+                 lr=8e-5, sampling_timesteps=250, save_and_sample_every=1000, num_samples=64),
+}
+
+# Fields that are not part of the model/data contract of a checkpoint: they may change on resume
+# without being reported as a difference.
+RESUME_FREE = {"resume", "run_name", "results_path", "train_num_steps", "save_and_sample_every",
+               "num_samples", "log_every", "report_to", "wandb_project", "num_workers",
+               "checkpoints_total_limit", "preset", "max_nonfinite_steps"}
+# Fields that change the numerics of the network or the process: a resume with a different value is refused.
+RESUME_LOCKED = {f.name for f in fields(ModelConfig)} | {
+    "timesteps", "objective", "beta_schedule", "image_size", "channels"}
+
+
+def field_specs() -> list[tuple[str, dataclasses.Field, type]]:
+    """(section, field, type) for every config field, in declaration order."""
+    out = []
+    for section, cls in SECTIONS.items():
+        hints = get_type_hints(cls)
+        for f in fields(cls):
+            out.append((section, f, hints[f.name]))
+    names = [f.name for _, f, _ in out]
+    assert len(names) == len(set(names)), "config field names must be unique across sections"
+    return out
+
+
+def build_config(explicit: dict[str, Any], *, has_gpu: bool) -> Config:
+    """Resolve a Config from the values the user gave (flags and YAML, already merged)."""
+    known = {f.name: section for section, f, _ in field_specs()}
+    unknown = sorted(set(explicit) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown config key(s): {', '.join(unknown)}. "
+                          f"Run `python trainer/train.py --help` for the list.")
+    preset = explicit.get("preset", "auto")
+    if preset not in PRESETS:
+        raise ConfigError(f"--preset {preset!r} is not one of {', '.join(PRESETS)}.")
+    resolved = "full" if preset == "auto" and has_gpu else ("tiny" if preset == "auto" else preset)
+    values = {**PRESET_VALUES[resolved], **explicit}
+    per_section: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+    for name, value in values.items():
+        per_section[known[name]][name] = _coerce(name, value)
+    cfg = Config(**{s: SECTIONS[s](**kw) for s, kw in per_section.items()})
+    cfg.run.preset = resolved
+    return cfg
+
+
+def _coerce(name: str, value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+def validate(cfg: Config) -> None:
+    """Check every value and every combination that can be checked without data or devices."""
+    m, d, data, t, r = cfg.model, cfg.diffusion, cfg.data, cfg.train, cfg.run
+    for section in SECTIONS:
+        for f in fields(SECTIONS[section]):
+            choices = f.metadata.get("choices")
+            value = getattr(getattr(cfg, section), f.name)
+            if choices and value not in choices:
+                raise ConfigError(f"--{f.name} {value!r} is not one of: {', '.join(choices)}.")
+    positive = {"batch_size": t.batch_size, "grad_accum": t.grad_accum, "train_num_steps": t.train_num_steps,
+                "save_and_sample_every": t.save_and_sample_every, "log_every": t.log_every,
+                "image_size": data.image_size, "dim": m.dim, "timesteps": d.timesteps,
+                "sampling_timesteps": d.sampling_timesteps, "attn_heads": m.attn_heads,
+                "attn_dim_head": m.attn_dim_head, "ema_update_every": t.ema_update_every,
+                "max_nonfinite_steps": t.max_nonfinite_steps}
+    for name, value in positive.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"--{name} must be a whole number of at least 1, got {value!r}.")
+    if t.num_samples < 0:
+        raise ConfigError(f"--num_samples must be 0 or more, got {t.num_samples}.")
+    if t.lr <= 0:
+        raise ConfigError(f"--lr must be positive, got {t.lr}.")
+    if not 0.0 <= t.ema_decay < 1.0:
+        raise ConfigError(f"--ema_decay must be in [0, 1), got {t.ema_decay}.")
+    if data.channels not in (1, 3):
+        raise ConfigError(f"--channels must be 1 (grayscale) or 3 (RGB), got {data.channels}.")
+    if not m.dim_mults or any(x < 1 for x in m.dim_mults):
+        raise ConfigError(f"--dim_mults must be one or more positive numbers, got {list(m.dim_mults)}.")
+    factor = 2 ** (len(m.dim_mults) - 1)
+    if data.image_size % factor:
+        ok = [s for s in range(factor, 4 * data.image_size + factor, factor) if abs(s - data.image_size) <= factor]
+        raise ConfigError(
+            f"--image_size {data.image_size} is not divisible by 2^(levels-1) = {factor} for "
+            f"--dim_mults {' '.join(map(str, m.dim_mults))} ({len(m.dim_mults)} levels). "
+            f"Use an image size such as {' or '.join(map(str, ok))}, or fewer levels.")
+    if d.sampling_timesteps > d.timesteps:
+        raise ConfigError(f"--sampling_timesteps {d.sampling_timesteps} exceeds --timesteps {d.timesteps}.")
+    if m.dim % 8:
+        raise ConfigError(f"--dim must be a multiple of 8 (GroupNorm groups), got {m.dim}.")
+    if r.checkpoints_total_limit < 2:
+        raise ConfigError(f"--checkpoints_total_limit must be at least 2 (one to fall back to), "
+                          f"got {r.checkpoints_total_limit}.")
+    if len(t.adam_betas) != 2 or not all(0 <= b < 1 for b in t.adam_betas):
+        raise ConfigError(f"--adam_betas needs two numbers in [0, 1), got {list(t.adam_betas)}.")
+    if t.lr_schedule == "step" and list(t.lr_decay_steps) != sorted(t.lr_decay_steps):
+        raise ConfigError(f"--lr_decay_steps must be increasing, got {list(t.lr_decay_steps)}.")
+    if r.report_to == "tensorboard":
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise ConfigError("--report_to tensorboard needs the tensorboard package: "
+                              "pip install tensorboard, or use --report_to wandb|none.") from None
+    if data.train_data_dir is not None and not Path(data.train_data_dir).exists():
+        raise ConfigError(f"--train_data_dir {data.train_data_dir} does not exist. "
+                          f"Pass a folder of images, or drop the flag to train on a built-in dataset.")
+
+
+def config_diff(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Flat keys whose values differ between two flat config dicts (lists and tuples compare equal)."""
+    norm = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # noqa: E731
+    keys = sorted(set(old) | set(new))
+    return {k: (old.get(k), new.get(k)) for k in keys if norm(old.get(k)) != norm(new.get(k))}
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    """Read `--config file.yaml`: flat keys, or keys grouped by section (model:, train:, ...)."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--config {path} does not exist.")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config {path} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"--config {path} must hold a mapping of flag names to values.")
+    flat: dict[str, Any] = {}
+    for k, v in raw.items():
+        if k in SECTIONS and isinstance(v, dict):
+            flat.update(v)
+        else:
+            flat[k] = v
+    return flat
+
+
+def default_num_workers(has_gpu: bool, local_world_size: int) -> int:
+    if not has_gpu:
+        return 0
+    return max(1, min(8, (os.cpu_count() or 1) // max(1, local_world_size) - 1))

@@ -1,0 +1,72 @@
+"""Image datasets for Eddy.
+
+Every dataset here is a `torch.utils.data.Dataset` whose `__getitem__(i)` returns a float32
+`[C, H, W]` tensor in [-1, 1], the same tensor for the same index (random flips belong to the
+trainer), and has the attributes `channels` and `image_size`.
+
+`build_image_dataset` picks the source from the flags:
+- `--train_data_dir PATH`: a folder of images (read through the `imagefolder` loader);
+- `--dataset NAME` with NAME in `BUILTIN_DATASETS`: procedural data, no download;
+- any other `--dataset NAME`: a Hugging Face Hub dataset, or a folder saved with `save_to_disk`.
+"""
+
+import torch
+
+from trainer.data.builtin import BUILTIN_DATASETS, ShapesDataset, TwoModesDataset
+from trainer.data.images import ImageDataset, load_hub_dataset, load_image_folder, preprocess_image
+from trainer.errors import ConfigError
+
+__all__ = [
+    "BUILTIN_DATASETS",
+    "ImageDataset",
+    "ShapesDataset",
+    "TwoModesDataset",
+    "build_image_dataset",
+    "load_hub_dataset",
+    "load_image_folder",
+    "preprocess_image",
+]
+
+DEFAULT_DATASET = "shapes"
+
+
+def build_image_dataset(*, dataset: str, train_data_dir: str | None, image_size: int, channels: int,
+                        split: str = "train", image_column: str | None = None, seed: int = 0,
+                        num_builtin: int = 10000, progress: bool = True) -> torch.utils.data.Dataset:
+    """The training images chosen by `--dataset` / `--train_data_dir`.
+
+    Args:
+        dataset: a name from `BUILTIN_DATASETS`, a Hub dataset name, or a folder saved with
+            `save_to_disk`. Ignored when `train_data_dir` is given, unless it names a built-in other
+            than the default "shapes" (then the two flags contradict each other).
+        train_data_dir: a folder of images, subfolders allowed; None to use `dataset`.
+        image_size: side of the square images returned.
+        channels: 1 (grayscale) or 3 (RGB).
+        split: split of a Hub or saved dataset.
+        image_column: column holding the images; default the first column of `Image` type.
+        seed: seed of the built-in datasets (each item is drawn from (seed, index)).
+        num_builtin: number of items of a built-in dataset.
+        progress: show a progress bar while an image folder is checked.
+    """
+    if image_size < 1:
+        raise ConfigError(f"--image_size must be a positive integer, got {image_size}")
+    if channels not in (1, 3):
+        raise ConfigError(f"--channels must be 1 (grayscale) or 3 (RGB), got {channels}")
+
+    if train_data_dir is not None:
+        if dataset in BUILTIN_DATASETS and dataset != DEFAULT_DATASET:
+            raise ConfigError(f"--dataset {dataset} is a built-in dataset but --train_data_dir "
+                              f"{train_data_dir} was given too; pass one or the other")
+        return load_image_folder(train_data_dir, image_size=image_size, channels=channels, progress=progress)
+
+    if dataset == "shapes":
+        return ShapesDataset(image_size=image_size, channels=channels, length=num_builtin, seed=seed)
+    if dataset == "two_modes":
+        return TwoModesDataset(image_size=image_size, channels=channels, length=num_builtin, seed=seed)
+    assert dataset not in BUILTIN_DATASETS, f"built-in dataset {dataset!r} has no branch here"
+
+    if not dataset:
+        raise ConfigError("--dataset is empty; pass a built-in name "
+                          f"({', '.join(BUILTIN_DATASETS)}), a Hub dataset name, or --train_data_dir")
+    return load_hub_dataset(dataset, split=split, image_column=image_column,
+                            image_size=image_size, channels=channels)

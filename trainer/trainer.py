@@ -1,0 +1,401 @@
+"""The Trainer: one object that owns a run's Accelerator, diffusion model, optimizer, EMA and data.
+
+Randomness is a pure function of (seed, step, micro-step, rank): every micro-step draws its noise,
+timesteps and flips from a generator seeded by those numbers, and reseeds the global RNG (dropout)
+the same way. With the data position stored as (epoch, offset) and the learning rate a function of
+the step, a checkpoint needs no RNG state, and a resumed run repeats the uninterrupted one bit for
+bit.
+
+Per optimizer step the host reads one small tensor: the flag on which all ranks agree to skip a
+non-finite step or to stop for preemption. Losses and norms stay on the device and are reduced
+every `--log_every` steps.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, broadcast_object_list
+from ema_pytorch import EMA
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from models import GaussianDiffusion
+from trainer import checkpoint as ckpt_io
+from trainer.config import Config, default_num_workers
+from trainer.data.sampler import ResumableBatchSampler, mix_seed
+from trainer.errors import CheckpointError, ConfigError, EddyError
+from trainer.tracking import Tracker, save_image_grid
+
+# Streams of the per-step seed, so that training, sampling and augmentation never share draws.
+_TRAIN, _SAMPLE = 1, 2
+
+
+def make_accelerator(cfg: Config) -> Accelerator:
+    """The Accelerator for `cfg`, after checking that the launch really formed the world it claims."""
+    import os
+
+    mp = cfg.train.mixed_precision
+    if mp == "auto":
+        mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    accelerator = Accelerator(
+        mixed_precision=mp,
+        log_with=None if cfg.run.report_to == "none" else cfg.run.report_to,
+        project_config=ProjectConfiguration(),
+        gradient_accumulation_steps=cfg.train.grad_accum,
+        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+    )
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        raise ConfigError(
+            f"accelerate launch started {launched} processes (WORLD_SIZE={launched}), but each one sees a "
+            f"world of {accelerator.num_processes}: they would train as independent runs that all think they "
+            f"are the main process. This happens with --multi_gpu on a machine without GPUs. For several CPU "
+            f"processes use `ACCELERATE_USE_CPU=true accelerate launch --multi_gpu ...` or "
+            f"--config_file accelerate_configs/cpu_2proc.yaml; otherwise drop --multi_gpu.")
+    return accelerator
+
+
+def lr_at(step: int, cfg: Config) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warm-up, then constant, cosine or step decay."""
+    t = cfg.train
+    warm = min(1.0, (step + 1) / t.lr_warmup_steps) if t.lr_warmup_steps else 1.0
+    if t.lr_schedule == "constant":
+        decay = 1.0
+    elif t.lr_schedule == "cosine":
+        span = max(1, t.train_num_steps - t.lr_warmup_steps)
+        progress = min(1.0, max(0, step - t.lr_warmup_steps) / span)
+        decay = 0.5 * (1 + math.cos(math.pi * progress))
+    elif t.lr_schedule == "step":
+        decay = t.lr_decay_factor ** sum(step >= s for s in t.lr_decay_steps)
+    else:
+        raise ConfigError(f"--lr_schedule {t.lr_schedule!r} is not one of constant, cosine, step.")
+    return t.lr * warm * decay
+
+
+@dataclass
+class TrainState:
+    """The counters a checkpoint restores; everything else is derived from them and the config."""
+
+    step: int = 0                 # optimizer steps taken
+    images_seen: int = 0          # training images consumed, all ranks together
+    data_epoch: int = 0           # position in the data: epoch ...
+    data_offset: int = 0          # ... and samples into that epoch's permutation
+    nonfinite_skipped: int = 0    # steps skipped for a non-finite loss or gradient
+    tracker_run_id: str = ""      # the W&B run that a resume continues
+
+
+class Trainer:
+    accelerator: Accelerator
+    diffusion: GaussianDiffusion   # unwrapped; `self.model` is the prepared (DDP) one
+    ema: EMA                       # of the network, kept on every rank
+    optimizer: torch.optim.Optimizer
+    sampler: ResumableBatchSampler
+    state: TrainState
+
+    def __init__(self, cfg: Config, accelerator: Accelerator, diffusion: GaussianDiffusion, dataset: Dataset,
+                 run_dir: Path, tracker: Tracker | None = None, resume_from: ckpt_io.Checkpoint | None = None):
+        self.cfg, self.accelerator, self.run_dir = cfg, accelerator, run_dir
+        self.tracker = tracker if accelerator.is_main_process else None
+        self.device = accelerator.device
+        t = cfg.train
+
+        self.net = diffusion.model
+        self.ema = EMA(self.net, beta=t.ema_decay, update_every=t.ema_update_every,
+                       update_after_step=t.ema_update_after_step, include_online_model=False, use_foreach=True)
+        # The EMA's counters stay on the CPU (ema-pytorch reads them with .item()); its weights go to the device.
+        self.ema.ema_model.to(self.device).eval()
+        self.ema.ema_model.requires_grad_(False)
+
+        opt_kwargs: dict[str, Any] = {"fused": True} if self.device.type == "cuda" else {}
+        optimizer = torch.optim.AdamW(self.net.parameters(), lr=t.lr, betas=tuple(t.adam_betas),
+                                      weight_decay=t.weight_decay, **opt_kwargs)
+        self.model, self.optimizer = accelerator.prepare(diffusion, optimizer)
+        self.diffusion = accelerator.unwrap_model(self.model)
+
+        self.sampler = ResumableBatchSampler(len(dataset), t.batch_size, accelerator.process_index,
+                                             accelerator.num_processes, t.seed)
+        workers = cfg.data.num_workers
+        if workers < 0:
+            workers = default_num_workers(self.device.type == "cuda", accelerator.num_processes)
+        self.loader = DataLoader(dataset, batch_sampler=self.sampler, num_workers=workers,
+                                 pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
+                                 prefetch_factor=4 if workers > 0 else None)
+        self.state = TrainState()
+        self._stop_requested = False
+        self._stop_flag = torch.zeros((), device=self.device)
+        if resume_from is not None:
+            self.load(resume_from)
+        if not self.state.tracker_run_id:
+            self.state.tracker_run_id = uuid.uuid4().hex[:12]
+
+    # ------------------------------------------------------------------------------------------
+    # The loop
+
+    def train(self) -> TrainState:
+        """Train to `--train_num_steps`, saving and sampling on the way. Returns the final counters."""
+        t, acc = self.cfg.train, self.accelerator
+        batches = self._batches()
+        self._install_signal_handlers()
+        bar = tqdm(total=t.train_num_steps, initial=self.state.step, disable=not acc.is_main_process,
+                   desc="training", unit="step", dynamic_ncols=True)
+        window = _LogWindow(self.device, self.state.images_seen)
+
+        while self.state.step < t.train_num_steps:
+            # LR is a function of the step, so resume needs no scheduler state.
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr_at(self.state.step, self.cfg)
+
+            # Forward and backward over the accumulation micro-batches, then one optimizer step.
+            loss, grad_norm = self.train_step(batches)
+            skip, stop = self._agree(loss, grad_norm)
+            if skip:
+                self.optimizer.zero_grad(set_to_none=True)
+                self._on_nonfinite()
+            else:
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                if not acc.optimizer_step_was_skipped:  # fp16 scaler overflow: no EMA either
+                    self.ema.update()
+                self._consecutive_nonfinite = 0
+            self.state.step += 1
+            self.state.images_seen += self.sampler.global_batch * t.grad_accum
+            window.add(loss, grad_norm, skip)
+            bar.update(1)
+
+            # Reduce and log every `log_every` steps: the only place losses reach the host.
+            if self.state.step % t.log_every == 0 or self.state.step == t.train_num_steps:
+                metrics = window.flush(acc, self.state, lr_at(self.state.step - 1, self.cfg))
+                if acc.is_main_process:
+                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
+                    if self.tracker:
+                        self.tracker.log(metrics, self.state.step)
+
+            # Save and sample.
+            if self.state.step % t.save_and_sample_every == 0 or self.state.step == t.train_num_steps:
+                self.save_and_sample()
+            elif stop:
+                self.save()
+            if stop:
+                acc.print(f"stop requested (signal): saved at step {self.state.step}; "
+                          f"resume with --resume {self.run_dir}")
+                break
+        bar.close()
+        self._restore_signal_handlers()
+        return self.state
+
+    def train_step(self, batches: Iterator[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward and backward over `--grad_accum` micro-batches. Returns (mean loss, gradient norm) on device."""
+        acc, t = self.accelerator, self.cfg.train
+        total = torch.zeros((), device=self.device)
+        for micro in range(t.grad_accum):
+            x = next(batches)
+            with acc.accumulate(self.model):
+                seed = mix_seed(t.seed, _TRAIN, self.state.step, micro, acc.process_index)
+                torch.manual_seed(seed)  # dropout draws from the global RNG
+                g = torch.Generator(device=self.device).manual_seed(seed)
+                x = self._augment(x, g)
+                loss = self.model(x, generator=g)
+                acc.backward(loss)
+                total += loss.detach()
+        max_norm = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
+        grad_norm = acc.clip_grad_norm_(self.net.parameters(), max_norm)
+        return total / t.grad_accum, grad_norm.detach().float()
+
+    def _batches(self) -> Iterator[torch.Tensor]:
+        """Micro-batches on the device, forever; advances the data position as each one is consumed."""
+        while True:
+            for batch in self.loader:
+                self.sampler.advance()
+                yield batch.to(self.device, non_blocking=True)
+
+    def _augment(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        if not self.cfg.data.random_flip:
+            return x
+        flip = torch.rand(x.shape[0], device=x.device, generator=g) < 0.5
+        return torch.where(flip.view(-1, *([1] * (x.ndim - 1))), x.flip(-1), x)
+
+    # ------------------------------------------------------------------------------------------
+    # Agreement between ranks: non-finite steps and preemption
+
+    def _agree(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> tuple[bool, bool]:
+        bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
+        if self.accelerator.scaler is not None:
+            bad = ~torch.isfinite(loss)  # fp16: overflowing gradients are the scaler's business
+        self._stop_flag.fill_(float(self._stop_requested))
+        flags = torch.stack([bad.float(), self._stop_flag])
+        if self.accelerator.num_processes > 1:
+            flags = self.accelerator.reduce(flags, reduction="sum")
+        skip, stop = flags.tolist()  # the one host read per optimizer step
+        return skip > 0, stop > 0
+
+    _consecutive_nonfinite = 0
+
+    def _on_nonfinite(self) -> None:
+        self.state.nonfinite_skipped += 1
+        self._consecutive_nonfinite += 1
+        self.accelerator.print(f"step {self.state.step}: non-finite loss or gradient norm; step skipped "
+                               f"({self.state.nonfinite_skipped} so far)")
+        if self._consecutive_nonfinite >= self.cfg.train.max_nonfinite_steps:
+            raise EddyError(f"{self._consecutive_nonfinite} consecutive steps had a non-finite loss or gradient "
+                            f"(--max_nonfinite_steps). Lower --lr, check the data for NaN/inf, or resume from "
+                            f"an earlier checkpoint in {self.run_dir / 'checkpoints'}.")
+
+    def _install_signal_handlers(self) -> None:
+        def request_stop(signum, frame):
+            self._stop_requested = True
+
+        self._old_handlers = {}
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            try:
+                self._old_handlers[sig] = signal.signal(sig, request_stop)
+            except ValueError:  # not the main thread
+                pass
+
+    def _restore_signal_handlers(self) -> None:
+        for sig, handler in getattr(self, "_old_handlers", {}).items():
+            signal.signal(sig, handler)
+
+    # ------------------------------------------------------------------------------------------
+    # Sampling, saving, loading
+
+    @torch.no_grad()
+    def sample(self, num_samples: int) -> torch.Tensor | None:
+        """EMA samples split across ranks; every rank samples, the main process gets all of them."""
+        acc = self.accelerator
+        per_rank = math.ceil(num_samples / acc.num_processes)
+        g = torch.Generator(device=self.device).manual_seed(
+            mix_seed(self.cfg.train.seed, _SAMPLE, self.state.step, acc.process_index))
+        with acc.autocast():
+            x = self.diffusion.sample(per_rank, model=self.ema.ema_model, generator=g,
+                                      progress=acc.is_main_process)
+        x = acc.gather(x.float().contiguous())
+        return x[:num_samples] if acc.is_main_process else None
+
+    def save_and_sample(self) -> None:
+        if self.cfg.train.num_samples > 0:
+            samples = self.sample(self.cfg.train.num_samples)
+            if samples is not None:
+                path = self.run_dir / "samples" / f"step-{self.state.step:08d}.png"
+                save_image_grid(samples, path, scale=max(1, 128 // samples.shape[-1]))
+                if self.tracker:
+                    self.tracker.log_images("samples", path, self.state.step)
+        self.save()
+
+    def checkpoint(self) -> ckpt_io.Checkpoint:
+        state = dict(vars(self.state))
+        state.update(
+            data_epoch=self.sampler.epoch, data_offset=self.sampler.offset,
+            ema_step=int(self.ema.step.item()), ema_initted=bool(self.ema.initted.item()),
+            world_size=self.accelerator.num_processes, batch_size=self.cfg.train.batch_size,
+            grad_accum=self.cfg.train.grad_accum, config=self.cfg.to_dict(), torch_version=torch.__version__)
+        optimizer = {"optimizer": self.optimizer.state_dict()}
+        if self.accelerator.scaler is not None:
+            optimizer["scaler"] = self.accelerator.scaler.state_dict()
+        return ckpt_io.Checkpoint(model=self.net.state_dict(), ema=self.ema.ema_model.state_dict(),
+                                  optimizer=optimizer, state=state)
+
+    def save(self) -> bool:
+        """Commit a checkpoint of the current step. A failed write keeps the previous checkpoints and
+        training goes on; every rank learns the outcome. Returns whether the save succeeded."""
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        outcome = [None]
+        if acc.is_main_process:
+            folder = self.run_dir / "checkpoints" / ckpt_io.step_dir_name(self.state.step)
+            try:
+                ckpt_io.write_checkpoint(folder, self.checkpoint())
+                ckpt_io.prune(self.run_dir, self.cfg.run.checkpoints_total_limit)
+            except OSError as e:
+                kept = ckpt_io.list_checkpoints(self.run_dir)
+                outcome = [f"saving the checkpoint of step {self.state.step} failed ({e}); "
+                           f"{'the newest intact one is ' + kept[-1].name if kept else 'no earlier checkpoint exists'}. "
+                           f"Training goes on and the next save tries again."]
+        broadcast_object_list(outcome)
+        if outcome[0] is not None:
+            acc.print(f"WARNING: {outcome[0]}")
+        return outcome[0] is None
+
+    def load(self, ck: ckpt_io.Checkpoint) -> None:
+        """Restore model, EMA, optimizer and counters from a checkpoint (on every rank)."""
+        _load_weights(self.net, ck.model, "model.safetensors")
+        _load_weights(self.ema.ema_model, ck.ema, "ema.safetensors")
+        self.ema.step.fill_(ck.state.get("ema_step", 0))
+        self.ema.initted.fill_(ck.state.get("ema_initted", True))
+        self.optimizer.load_state_dict(ck.optimizer["optimizer"])
+        if self.accelerator.scaler is not None and "scaler" in ck.optimizer:
+            self.accelerator.scaler.load_state_dict(ck.optimizer["scaler"])
+        s = ck.state
+        self.state = TrainState(step=s["step"], images_seen=s["images_seen"], data_epoch=s["data_epoch"],
+                                data_offset=s["data_offset"], nonfinite_skipped=s.get("nonfinite_skipped", 0),
+                                tracker_run_id=s.get("tracker_run_id", ""))
+        replay = self.sampler.set_position(s["data_epoch"], s["data_offset"])
+        layout_old = (s.get("world_size"), s.get("batch_size"), s.get("grad_accum"))
+        layout_new = (self.accelerator.num_processes, self.cfg.train.batch_size, self.cfg.train.grad_accum)
+        if layout_old != layout_new:
+            self.accelerator.print(
+                f"resuming with a different layout: (processes, --batch_size, --grad_accum) was {layout_old}, "
+                f"now {layout_new}. The data continues at the same position of epoch {s['data_epoch']}"
+                + (f" ({replay} samples are seen again to align with the new global batch)." if replay else ".")
+                + " The run is no longer bit-for-bit identical to one that kept the old layout.")
+
+
+def _load_weights(module: torch.nn.Module, sd: dict[str, torch.Tensor], name: str) -> None:
+    own = module.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    shapes = sorted(k for k in set(own) & set(sd) if own[k].shape != sd[k].shape)
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+        if shapes:
+            parts.append("shape of " + ", ".join(f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}"
+                                                 for k in shapes[:5]))
+        raise CheckpointError(f"{name} does not fit this model: {'; '.join(parts)}. "
+                              f"Resume with the model flags the run was started with.")
+    module.load_state_dict(sd)
+
+
+class _LogWindow:
+    """Accumulates loss and gradient norm on the device between log points."""
+
+    def __init__(self, device: torch.device, images_seen: int):
+        self.device = device
+        self._reset(images_seen)
+
+    def _reset(self, images_seen: int) -> None:
+        self.loss = torch.zeros((), device=self.device)
+        self.norm = torch.zeros((), device=self.device)
+        self.count, self.skipped = 0, 0
+        self.t0, self.images0 = time.perf_counter(), images_seen
+
+    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor, skipped: bool) -> None:
+        if skipped:
+            self.skipped += 1
+            return
+        self.loss += loss
+        self.norm += grad_norm
+        self.count += 1
+
+    def flush(self, acc: Accelerator, state: TrainState, lr: float) -> dict[str, float]:
+        sums = torch.stack([self.loss, self.norm]) / max(1, self.count)
+        if acc.num_processes > 1:
+            sums = acc.reduce(sums, reduction="mean")
+        loss, norm = sums.tolist()
+        elapsed = time.perf_counter() - self.t0
+        metrics = {"loss": loss, "grad_norm": norm, "lr": lr,
+                   "samples_per_s": (state.images_seen - self.images0) / max(elapsed, 1e-9),
+                   "images_seen": state.images_seen, "nonfinite_skipped": state.nonfinite_skipped}
+        self._reset(state.images_seen)
+        return metrics
