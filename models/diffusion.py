@@ -92,7 +92,7 @@ def ddpm_sample(diffusion, x_T, *, model, cond, generator, progress):
     x_{t-1} = mu~_t(x0_hat, x_t) + sigma_t z, with mu~_t and sigma_t^2 = beta~_t from eq. 6-7, z = 0 at t = 0."""
     x, x0 = x_T, None
     batch = x.shape[0]
-    for time in tqdm(reversed(range(diffusion.num_timesteps)), total=diffusion.num_timesteps, disable=not progress):
+    for time in tqdm(reversed(range(diffusion.num_timesteps)), total=diffusion.num_timesteps, disable=not progress, desc="sampling", leave=False):
         t = torch.full((batch,), time, device=x.device, dtype=torch.long)
         self_cond = x0 if diffusion.self_condition else None
         _, x0 = diffusion.model_predictions(
@@ -114,7 +114,7 @@ def ddim_sample(diffusion, x_T, *, model, cond, generator, progress, times, eta)
     eta = 1 matches DDPM's posterior noise. `times` comes from `ddim_timesteps`."""
     x, x0 = x_T, None
     batch = x.shape[0]
-    for time, time_next in tqdm(times, disable=not progress):
+    for time, time_next in tqdm(times, disable=not progress, desc="sampling", leave=False):
         t = torch.full((batch,), time, device=x.device, dtype=torch.long)
         self_cond = x0 if diffusion.self_condition else None
         eps, x0 = diffusion.model_predictions(

@@ -74,10 +74,11 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_checkpoint(folder: Path, ckpt: Checkpoint) -> Path:
-    """Write `ckpt` atomically as `folder` (which must not exist). Returns the folder.
+def write_checkpoint(folder: Path, ckpt: Checkpoint, before_commit: Callable[[], None] | None = None) -> Path:
+    """Write `ckpt` atomically as `folder`. Returns the folder.
 
     On any error the temporary folder is removed and the error re-raised; nothing at `folder` changes.
+    `before_commit` runs after the files are written and before the marker (fault injection).
     """
     tmp = folder.parent / f".tmp-{folder.name}"
     if tmp.exists():
@@ -94,6 +95,8 @@ def write_checkpoint(folder: Path, ckpt: Checkpoint) -> Path:
         for name, write in files.items():
             _fsync_write(tmp / name, write)
             manifest[name] = {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
+        if before_commit is not None:
+            before_commit()
         marker = {"step": ckpt.state.get("step"), "files": manifest}
         _fsync_write(tmp / MARKER, lambda p: p.write_text(json.dumps(marker, indent=2)))
         _fsync_dir(tmp)

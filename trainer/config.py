@@ -104,15 +104,17 @@ class TrainConfig:
     log_every: int = _field(10, "Reduce and log loss, LR, gradient norm and throughput every this many steps.")
     mixed_precision: str = _field("auto", "auto: bf16 on GPUs that support it, else no.", choices=MIXED_PRECISION)
     seed: int = _field(0, "Seed of the data order, the noise and the initial weights.")
-    max_nonfinite_steps: int = _field(20, "Consecutive steps with a non-finite loss or gradient (each skipped) "
-                                      "before the run stops with an error.")
+    max_nonfinite_steps: int = _field(20, "Consecutive steps with a non-finite loss or gradient (each one "
+                                      "skipped) before the run rolls back to its last checkpoint.")
+    max_rollbacks: int = _field(3, "Rollbacks after which a run that keeps diverging stops with an error.")
 
 
 @dataclass
 class RunConfig:
     results_path: str = _field("results", "Folder that holds one subfolder per run.")
     run_name: str | None = _field(None, "Name of the run folder (default: the start time).")
-    resume: str | None = _field(None, "latest: the newest run under --results_path; or a run folder "
+    resume: str | None = _field(None, "latest: the newest run under --results_path; auto: the run --run_name "
+                                "if it has a checkpoint, else start it (for restarted jobs); or a run folder "
                                 "or checkpoint folder.")
     checkpoints_total_limit: int = _field(3, "Checkpoints kept per run (at least 2).")
     report_to: str = _field("wandb", "Experiment tracker. W&B goes offline by itself when no API key is set.",
@@ -158,7 +160,7 @@ PRESET_VALUES = {
 # without being reported as a difference.
 RESUME_FREE = {"resume", "run_name", "results_path", "train_num_steps", "save_and_sample_every",
                "num_samples", "log_every", "report_to", "wandb_project", "num_workers",
-               "checkpoints_total_limit", "preset", "max_nonfinite_steps"}
+               "checkpoints_total_limit", "preset", "max_nonfinite_steps", "max_rollbacks"}
 # Fields that change the numerics of the network or the process: a resume with a different value is refused.
 RESUME_LOCKED = {f.name for f in fields(ModelConfig)} | {
     "timesteps", "objective", "beta_schedule", "image_size", "channels"}

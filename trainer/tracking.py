@@ -101,7 +101,8 @@ class AccelerateTracker(Tracker):
 
     def finish(self) -> None:
         super().finish()
-        self.accelerator.end_training()
+        for tracker in self.accelerator.trackers:  # not end_training(): that also ends the process group
+            tracker.finish()
 
 
 def make_tracker(accelerator, backend: str, run_dir: Path, project: str, config: dict, run_id: str) -> Tracker:

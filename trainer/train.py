@@ -89,9 +89,18 @@ def resolve_config(args: dict[str, Any]) -> tuple[Config, Path | None, Path | No
     explicit.update(args)
     run_dir = ckpt_dir = None
     base: dict[str, Any] = {}
-    if explicit.get("resume"):
-        results_path = Path(explicit.get("results_path", "results"))
-        run_dir, ckpt_dir = ckpt_io.find_run_to_resume(explicit["resume"], results_path)
+    resume = explicit.get("resume")
+    results_path = Path(explicit.get("results_path", "results"))
+    if resume == "auto":
+        # For restarts (accelerate launch --max_restarts, cluster requeues): the same command resumes
+        # the named run when it has a checkpoint, and starts it otherwise.
+        if not explicit.get("run_name"):
+            raise ConfigError("--resume auto needs --run_name, so that a restarted job finds its own run.")
+        if not ckpt_io.list_checkpoints(results_path / explicit["run_name"]):
+            resume = None
+    if resume:
+        run_dir, ckpt_dir = ckpt_io.find_run_to_resume(
+            str(results_path / explicit["run_name"]) if resume == "auto" else resume, results_path)
         saved = run_dir / "config.json"
         if saved.is_file():
             base = {k: v for section in json.loads(saved.read_text()).values() for k, v in section.items()}
@@ -188,6 +197,7 @@ def run(args: dict[str, Any]) -> Path:
         if os.environ.get("WANDB_MODE") == "offline":
             say(f"W&B run saved offline in {tracker.location}; upload it with: wandb sync {tracker.location}")
     accelerator.wait_for_everyone()
+    accelerator.end_training()
     return run_dir
 
 

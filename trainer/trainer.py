@@ -13,9 +13,12 @@ every `--log_every` steps.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import signal
 import time
+import warnings
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +26,8 @@ from typing import Any, Iterator
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, broadcast_object_list
+from accelerate.utils import (DistributedDataParallelKwargs, ProjectConfiguration, broadcast_object_list,
+                               gather_object)
 from ema_pytorch import EMA
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
@@ -33,6 +37,7 @@ from trainer import checkpoint as ckpt_io
 from trainer.config import Config, default_num_workers
 from trainer.data.sampler import ResumableBatchSampler, mix_seed
 from trainer.errors import CheckpointError, ConfigError, EddyError
+from trainer.faults import Faults
 from trainer.tracking import Tracker, save_image_grid
 
 # Streams of the per-step seed, so that training, sampling and augmentation never share draws.
@@ -46,6 +51,8 @@ def make_accelerator(cfg: Config) -> Accelerator:
     mp = cfg.train.mixed_precision
     if mp == "auto":
         mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    # Our only buffers are the diffusion schedule, equal on every rank: DDP need not sync them.
+    warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated")
     accelerator = Accelerator(
         mixed_precision=mp,
         log_with=None if cfg.run.report_to == "none" else cfg.run.report_to,
@@ -90,6 +97,7 @@ class TrainState:
     data_epoch: int = 0           # position in the data: epoch ...
     data_offset: int = 0          # ... and samples into that epoch's permutation
     nonfinite_skipped: int = 0    # steps skipped for a non-finite loss or gradient
+    rollbacks: int = 0            # returns to the last checkpoint after a run of non-finite steps
     tracker_run_id: str = ""      # the W&B run that a resume continues
 
 
@@ -129,7 +137,9 @@ class Trainer:
         self.loader = DataLoader(dataset, batch_sampler=self.sampler, num_workers=workers,
                                  pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
                                  prefetch_factor=4 if workers > 0 else None)
+        self.faults = Faults.from_env()
         self.state = TrainState()
+        self._consecutive_nonfinite = 0
         self._stop_requested = False
         self._stop_flag = torch.zeros((), device=self.device)
         if resume_from is not None:
@@ -148,6 +158,7 @@ class Trainer:
         bar = tqdm(total=t.train_num_steps, initial=self.state.step, disable=not acc.is_main_process,
                    desc="training", unit="step", dynamic_ncols=True)
         window = _LogWindow(self.device, self.state.images_seen)
+        self._save_data_grid()
 
         while self.state.step < t.train_num_steps:
             # LR is a function of the step, so resume needs no scheduler state.
@@ -159,7 +170,12 @@ class Trainer:
             skip, stop = self._agree(loss, grad_norm)
             if skip:
                 self.optimizer.zero_grad(set_to_none=True)
-                self._on_nonfinite()
+                if self._on_nonfinite():  # rolled back to the last checkpoint: restart from there
+                    batches = self._batches()
+                    window = _LogWindow(self.device, self.state.images_seen)
+                    bar.reset(total=t.train_num_steps)
+                    bar.update(self.state.step)
+                    continue
             else:
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -190,6 +206,7 @@ class Trainer:
                 break
         bar.close()
         self._restore_signal_handlers()
+        self.check_replicas()
         return self.state
 
     def train_step(self, batches: Iterator[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,11 +216,13 @@ class Trainer:
         for micro in range(t.grad_accum):
             x = next(batches)
             with acc.accumulate(self.model):
-                seed = mix_seed(t.seed, _TRAIN, self.state.step, micro, acc.process_index)
+                seed = mix_seed(t.seed, _TRAIN, self.state.step, micro, acc.process_index, self.state.rollbacks)
                 torch.manual_seed(seed)  # dropout draws from the global RNG
                 g = torch.Generator(device=self.device).manual_seed(seed)
                 x = self._augment(x, g)
                 loss = self.model(x, generator=g)
+                if self.faults("nan_loss", self.state.step):
+                    loss = loss * float("nan")
                 acc.backward(loss)
                 total += loss.detach()
         max_norm = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
@@ -237,17 +256,35 @@ class Trainer:
         skip, stop = flags.tolist()  # the one host read per optimizer step
         return skip > 0, stop > 0
 
-    _consecutive_nonfinite = 0
-
-    def _on_nonfinite(self) -> None:
+    def _on_nonfinite(self) -> bool:
+        """Count a skipped step; after `--max_nonfinite_steps` in a row, roll back. Returns whether it did."""
+        t = self.cfg.train
         self.state.nonfinite_skipped += 1
         self._consecutive_nonfinite += 1
         self.accelerator.print(f"step {self.state.step}: non-finite loss or gradient norm; step skipped "
                                f"({self.state.nonfinite_skipped} so far)")
-        if self._consecutive_nonfinite >= self.cfg.train.max_nonfinite_steps:
-            raise EddyError(f"{self._consecutive_nonfinite} consecutive steps had a non-finite loss or gradient "
-                            f"(--max_nonfinite_steps). Lower --lr, check the data for NaN/inf, or resume from "
-                            f"an earlier checkpoint in {self.run_dir / 'checkpoints'}.")
+        if self._consecutive_nonfinite < t.max_nonfinite_steps:
+            return False
+        if self.state.rollbacks >= t.max_rollbacks:
+            raise EddyError(f"{self._consecutive_nonfinite} consecutive non-finite steps after {self.state.rollbacks} "
+                            f"rollbacks (--max_rollbacks): the run keeps diverging. Lower --lr, check the data for "
+                            f"NaN/inf, or resume from an earlier checkpoint in {self.run_dir / 'checkpoints'}.")
+        found = [None]
+        if self.accelerator.is_main_process:
+            good = ckpt_io.load_latest_good(self.run_dir, warn=lambda m: self.accelerator.print(f"WARNING: {m}"))
+            found = [good and str(good[0])]
+        broadcast_object_list(found)
+        if found[0] is None:
+            raise EddyError(f"{self._consecutive_nonfinite} consecutive non-finite steps and no checkpoint to roll back "
+                            f"to in {self.run_dir / 'checkpoints'}. Lower --lr or check the data for NaN/inf.")
+        rollbacks, skipped, bad_step = self.state.rollbacks + 1, self.state.nonfinite_skipped, self.state.step
+        self.load(ckpt_io.read_checkpoint(Path(found[0])))
+        self.state.rollbacks, self.state.nonfinite_skipped = rollbacks, skipped
+        self._consecutive_nonfinite = 0
+        self.accelerator.print(f"rolled back from step {bad_step} to {Path(found[0]).name} after "
+                               f"{t.max_nonfinite_steps} consecutive non-finite steps (rollback {rollbacks} of at most "
+                               f"{t.max_rollbacks}); the noise stream is reseeded")
+        return True
 
     def _install_signal_handlers(self) -> None:
         def request_stop(signum, frame):
@@ -279,6 +316,32 @@ class Trainer:
                                       progress=acc.is_main_process)
         x = acc.gather(x.float().contiguous())
         return x[:num_samples] if acc.is_main_process else None
+
+    def _save_data_grid(self) -> None:
+        """A grid of training images beside the sample grids, to compare at a glance."""
+        n = min(self.cfg.train.num_samples, 64)
+        path = self.run_dir / "samples" / "data.png"
+        if self.accelerator.is_main_process and n > 0 and not path.exists():
+            data = self.loader.dataset
+            images = torch.stack([data[i] for i in range(min(n, len(data)))])
+            save_image_grid(images, path, scale=max(1, 128 // images.shape[-1]))
+
+    def check_replicas(self) -> bool:
+        """Whether every rank holds the same weights and EMA; writes `replicas.json` on the main process."""
+        h = hashlib.sha256()
+        for sd in (self.net.state_dict(), self.ema.ema_model.state_dict()):
+            for name, tensor in sd.items():
+                h.update(name.encode())
+                h.update(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        digests = gather_object([h.hexdigest()])
+        identical = len(set(digests)) == 1
+        if self.accelerator.is_main_process:
+            (self.run_dir / "replicas.json").write_text(json.dumps(
+                {"step": self.state.step, "digests": digests, "identical": identical}, indent=2))
+            if not identical:
+                self.accelerator.print(f"WARNING: the {len(digests)} processes hold different weights at the end "
+                                       f"of training; see {self.run_dir / 'replicas.json'}")
+        return identical
 
     def save_and_sample(self) -> None:
         if self.cfg.train.num_samples > 0:
@@ -312,7 +375,8 @@ class Trainer:
         if acc.is_main_process:
             folder = self.run_dir / "checkpoints" / ckpt_io.step_dir_name(self.state.step)
             try:
-                ckpt_io.write_checkpoint(folder, self.checkpoint())
+                ckpt_io.write_checkpoint(folder, self.checkpoint(),
+                                         before_commit=self.faults.save_hook(self.state.step))
                 ckpt_io.prune(self.run_dir, self.cfg.run.checkpoints_total_limit)
             except OSError as e:
                 kept = ckpt_io.list_checkpoints(self.run_dir)
@@ -336,7 +400,7 @@ class Trainer:
         s = ck.state
         self.state = TrainState(step=s["step"], images_seen=s["images_seen"], data_epoch=s["data_epoch"],
                                 data_offset=s["data_offset"], nonfinite_skipped=s.get("nonfinite_skipped", 0),
-                                tracker_run_id=s.get("tracker_run_id", ""))
+                                rollbacks=s.get("rollbacks", 0), tracker_run_id=s.get("tracker_run_id", ""))
         replay = self.sampler.set_position(s["data_epoch"], s["data_offset"])
         layout_old = (s.get("world_size"), s.get("batch_size"), s.get("grad_accum"))
         layout_new = (self.accelerator.num_processes, self.cfg.train.batch_size, self.cfg.train.grad_accum)

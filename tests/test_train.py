@@ -1,0 +1,123 @@
+"""End-to-end training on one process: learning, run folder contents, resume, LR schedule."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import train
+from trainer.build import build_diffusion, build_network
+from trainer.checkpoint import list_checkpoints
+from trainer.config import build_config
+from trainer.data import TwoModesDataset
+from trainer.trainer import lr_at
+
+
+def load_run_config(run_dir: Path):
+    saved = json.loads((run_dir / "config.json").read_text())
+    return build_config({k: v for s in saved.values() for k, v in s.items()}, has_gpu=False)
+
+
+def final_weights(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
+    last = list_checkpoints(run_dir)[-1]
+    return {"model": load_file(str(last / "model.safetensors")), "ema": load_file(str(last / "ema.safetensors")),
+            "optimizer": torch.load(last / "optimizer.pt", weights_only=True)["optimizer"]}
+
+
+def assert_same(a, b, path="") -> None:
+    """Bit-for-bit equality of nested dicts/lists of tensors and numbers."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            assert_same(a[k], b[k], f"{path}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{path}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), f"{path} differs (max |diff| {(a.float() - b.float()).abs().max().item()})"
+    else:
+        assert a == b, path
+
+
+def test_learns_both_modes_of_a_toy_dataset(tmp_path):
+    """A tiny model trained for well under a minute of CPU samples both modes, each close to its template."""
+    run_dir = train(tmp_path, "--dim", "16", "--timesteps", "100", "--sampling_timesteps", "20", "--batch_size", "32",
+                    "--train_num_steps", "300", "--save_and_sample_every", "300", "--lr", "2e-3",
+                    "--lr_warmup_steps", "20", "--ema_decay", "0.95", "--ema_update_after_step", "20",
+                    "--no-random_flip", "--log_every", "50")
+    cfg = load_run_config(run_dir)
+    net = build_network(cfg)
+    net.load_state_dict(final_weights(run_dir)["ema"])
+    diffusion = build_diffusion(cfg, net).eval()
+    x = diffusion.sample(32, generator=torch.Generator().manual_seed(0))
+
+    templates = TwoModesDataset(image_size=8, channels=1).templates
+    mse = ((x[:, None] - templates[None]) ** 2).mean(dim=(2, 3, 4))  # [32 samples, 2 modes]
+    nearest, mode = mse.min(dim=1)
+    assert nearest.max() < 0.1, f"a sample is far from both modes: mse {nearest.max():.3f}"
+    assert mse.max(dim=1).values.min() > 0.5, "a sample sits between the modes"
+    counts = mode.bincount(minlength=2)
+    assert counts.min() >= 6, f"one mode is (nearly) missing: {counts.tolist()}"
+
+
+def test_run_folder_holds_checkpoint_grids_config_and_wandb_run(tmp_path):
+    run_dir = train(tmp_path, "--train_num_steps", "6", "--save_and_sample_every", "3", "--report_to", "wandb")
+    assert [p.name for p in list_checkpoints(run_dir)] == ["step-00000003", "step-00000006"]
+    assert sorted(p.name for p in (run_dir / "samples").iterdir()) == [
+        "data.png", "step-00000003.png", "step-00000006.png"]
+    assert load_run_config(run_dir).train.train_num_steps == 6
+    wandb_runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(wandb_runs) == 1 and any(wandb_runs[0].glob("*.wandb"))
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [2, 4, 6]
+    assert all(m["loss"] > 0 and m["images_seen"] == 4 * m["step"] for m in metrics)
+    state = json.loads((list_checkpoints(run_dir)[-1] / "state.json").read_text())
+    assert state["step"] == 6 and state["images_seen"] == 24
+
+
+def test_resume_latest_continues_exactly_like_an_uninterrupted_run(tmp_path):
+    """Train N steps, stop, `--resume latest` to 2N: step, optimizer and EMA continue, bit for bit."""
+    common = ["--grad_accum", "2", "--save_and_sample_every", "3", "--dropout", "0.1", "--self_condition"]
+    straight = train(tmp_path / "a", *common, "--train_num_steps", "8")
+    train(tmp_path / "b", *common, "--train_num_steps", "5")  # stops at 5 (saved at 3 and 5)
+    resumed = train(tmp_path / "b", "--resume", "latest", "--train_num_steps", "8")
+    state = json.loads((list_checkpoints(resumed)[-1] / "state.json").read_text())
+    assert state["step"] == 8 and state["images_seen"] == 8 * 4 * 2
+    assert state["ema_step"] == 8
+    assert_same(final_weights(straight), final_weights(resumed))
+
+
+def test_resume_keeps_the_run_config_and_reports_changes(tmp_path, capsys):
+    run_dir = train(tmp_path, "--train_num_steps", "2", "--save_and_sample_every", "2", "--objective", "pred_noise")
+    train(tmp_path, "--resume", str(run_dir), "--train_num_steps", "4", "--lr", "5e-4")
+    out = capsys.readouterr().out
+    assert "changed since: lr 0.001 -> 0.0005" in out
+    cfg = load_run_config(run_dir)
+    # The objective comes from the run (not the default pred_v), the learning rate from the new flag.
+    assert cfg.diffusion.objective == "pred_noise" and cfg.train.lr == 5e-4
+
+
+def test_resume_auto_starts_then_continues_the_named_run(tmp_path):
+    first = train(tmp_path, "--resume", "auto", "--train_num_steps", "2", "--save_and_sample_every", "2")
+    again = train(tmp_path, "--resume", "auto", "--train_num_steps", "4", "--save_and_sample_every", "2")
+    assert first == again
+    assert [p.name for p in list_checkpoints(again)] == ["step-00000002", "step-00000004"]
+
+
+@pytest.mark.parametrize("schedule,expected", [
+    ("constant", [0.5, 1.0, 1.0, 1.0, 1.0]),
+    ("cosine", [0.5, 1.0, 0.5 * (1 + torch.cos(torch.tensor(torch.pi / 3)).item()),
+                0.5 * (1 + torch.cos(torch.tensor(2 * torch.pi / 3)).item()), 0.0]),
+    ("step", [0.5, 1.0, 0.1, 0.1, 0.01]),
+])
+def test_lr_schedule(schedule, expected):
+    cfg = build_config({"lr": 1.0, "lr_warmup_steps": 2, "lr_schedule": schedule, "train_num_steps": 5,
+                        "lr_decay_steps": (2, 4), "lr_decay_factor": 0.1, "preset": "tiny"}, has_gpu=False)
+    got = [lr_at(step, cfg) for step in [0, 1, 3, 4, 5]]
+    # cosine: progress (step - warmup) / (total - warmup) = 1/3, 2/3, 1 at steps 3, 4, 5
+    assert got == pytest.approx(expected)
