@@ -48,6 +48,7 @@ def train(results: Path, *extra: str, run_name: str = "run") -> Path:
 def script(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run a command from the repository root, as a user types it."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env = {k: v for k, v in full_env.items() if v is not None}  # None removes a variable
     return subprocess.run(list(args), cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 

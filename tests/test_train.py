@@ -113,7 +113,7 @@ def test_resume_auto_starts_then_continues_the_named_run(tmp_path):
     ("constant", [0.5, 1.0, 1.0, 1.0, 1.0]),
     ("cosine", [0.5, 1.0, 0.5 * (1 + torch.cos(torch.tensor(torch.pi / 3)).item()),
                 0.5 * (1 + torch.cos(torch.tensor(2 * torch.pi / 3)).item()), 0.0]),
-    ("step", [0.5, 1.0, 0.1, 0.1, 0.01]),
+    ("step", [0.5, 1.0, 0.1, 0.01, 0.01]),
 ])
 def test_lr_schedule(schedule, expected):
     cfg = build_config({"lr": 1.0, "lr_warmup_steps": 2, "lr_schedule": schedule, "train_num_steps": 5,

@@ -120,16 +120,17 @@ def verify(folder: Path) -> None:
     if not marker.is_file():
         raise CheckpointError(f"{folder} has no {MARKER} marker: it was never completed.")
     try:
-        manifest = json.loads(marker.read_text())["files"]
-    except (ValueError, KeyError) as e:
-        raise CheckpointError(f"{marker} is unreadable: {e}") from None
-    for name, info in manifest.items():
+        manifest = {name: (int(info["bytes"]), str(info["sha256"]))
+                    for name, info in json.loads(marker.read_text())["files"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{marker} is unreadable ({type(e).__name__}: {e}): the checkpoint is damaged.") from None
+    for name, (size, digest) in manifest.items():
         path = folder / name
         if not path.is_file():
             raise CheckpointError(f"{path} is missing.")
-        if path.stat().st_size != info["bytes"]:
-            raise CheckpointError(f"{path} has {path.stat().st_size} bytes, expected {info['bytes']} (truncated?).")
-        if _sha256(path) != info["sha256"]:
+        if path.stat().st_size != size:
+            raise CheckpointError(f"{path} has {path.stat().st_size} bytes, expected {size} (truncated?).")
+        if _sha256(path) != digest:
             raise CheckpointError(f"{path} does not match its recorded sha256 (corrupted).")
 
 
@@ -200,7 +201,7 @@ def find_run_to_resume(resume: str, results_path: Path) -> tuple[Path, Path | No
                                   f"Start without --resume, or point --results_path at the folder of your runs.")
         newest = max(runs, key=lambda p: list_checkpoints(p)[-1].stat().st_mtime)
         return newest, None
-    path = Path(resume)
+    path = Path(resume).resolve()
     if not path.exists():
         raise CheckpointError(f"--resume {resume}: no such run or checkpoint folder.")
     if (path / MARKER).is_file() or _STEP_DIR.match(path.name):

@@ -261,6 +261,13 @@ def validate(cfg: Config) -> None:
                           f"Pass a folder of images, or drop the flag to train on a built-in dataset.")
 
 
+def show_value(value: Any) -> str:
+    """A config value as it is written on the command line."""
+    if isinstance(value, (list, tuple)):
+        return " ".join(map(str, value))
+    return str(value)
+
+
 def config_diff(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """Flat keys whose values differ between two flat config dicts (lists and tuples compare equal)."""
     norm = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # noqa: E731

@@ -26,7 +26,8 @@ import torch  # noqa: E402
 
 from trainer import checkpoint as ckpt_io  # noqa: E402
 from trainer.config import (  # noqa: E402
-    SECTIONS, Config, build_config, config_diff, field_specs, load_yaml, validate, RESUME_FREE, RESUME_LOCKED)
+    RESUME_FREE, RESUME_LOCKED, SECTIONS, Config, build_config, config_diff, field_specs, load_yaml, show_value,
+    validate)
 from trainer.errors import CheckpointError, ConfigError, EddyError  # noqa: E402
 
 EXAMPLES = """\
@@ -51,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _argparse_kwargs(f, typ) -> dict[str, Any]:
     default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
-    help_text = f"{f.metadata['help']} (default: {_show(default)})"
+    help_text = f"{f.metadata['help']} (default: {show_value(default)})"
     kw: dict[str, Any] = {"help": help_text}
     args = [a for a in get_args(typ) if a is not type(None)]
     base = args[0] if args else typ
@@ -64,12 +65,6 @@ def _argparse_kwargs(f, typ) -> dict[str, Any]:
         if "choices" in f.metadata:
             kw["choices"] = f.metadata["choices"]
     return kw
-
-
-def _show(value: Any) -> str:
-    if isinstance(value, tuple):
-        return " ".join(map(str, value))
-    return str(value)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,7 +108,7 @@ def resolve_config(args: dict[str, Any]) -> tuple[Config, Path | None, Path | No
         if locked:
             raise CheckpointError(
                 f"--resume {explicit['resume']}: the run in {run_dir} was trained with different values of "
-                + "; ".join(f"--{k} ({old} then, {new} now)" for k, (old, new) in locked.items())
+                + "; ".join(f"--{k} ({show_value(old)} then, {show_value(new)} now)" for k, (old, new) in locked.items())
                 + ". Drop these flags to continue the run as it was, or start a new run.")
     return cfg, run_dir, ckpt_dir
 
@@ -152,7 +147,7 @@ def run(args: dict[str, Any]) -> Path:
         old = {k: v for section in resume_from.state["config"].values() for k, v in section.items()}
         changed = {k: v for k, v in config_diff(old, cfg.flat()).items() if k not in RESUME_FREE}
         say(f"resuming {run_dir} from {ckpt_dir.name} (step {resume_from.state['step']})"
-            + ("; changed since: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()) if changed else ""))
+            + ("; changed since: " + ", ".join(f"{k} {show_value(a)} -> {show_value(b)}" for k, (a, b) in changed.items()) if changed else ""))
 
     # Data, then the model: both before any training step, so bad input fails early.
     with accelerator.main_process_first():

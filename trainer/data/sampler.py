@@ -16,9 +16,9 @@ from trainer.errors import ConfigError
 
 
 def mix_seed(*parts: int) -> int:
-    """A well-mixed 63-bit seed from integers: the same parts give the same seed on every machine."""
-    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint32)
-               .astype(np.uint64) @ np.array([1 << 31, 1], dtype=np.uint64))
+    """A well-mixed seed in [0, 2**63) from integers: the same parts give the same seed on every machine."""
+    entropy = [int(p) % (1 << 64) for p in parts]  # SeedSequence takes any non-negative int, whole
+    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0]) >> 1
 
 
 class ResumableBatchSampler:
@@ -42,8 +42,8 @@ class ResumableBatchSampler:
         because the offset is not a whole number of this layout's global batches."""
         replay = offset % self.global_batch
         self.epoch, self.offset = epoch, offset - replay
-        if self.offset >= self.samples_per_epoch:
-            self.epoch, self.offset = epoch + 1, 0
+        if self.offset >= self.samples_per_epoch:  # the rest of that epoch is a dropped tail now
+            self.epoch, self.offset, replay = epoch + 1, 0, 0
         return replay
 
     def advance(self) -> None:
