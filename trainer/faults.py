@@ -4,6 +4,7 @@ Faults are switched on by the environment variable EDDY_INJECT_FAULTS, a comma-s
 `kind@step` entries, and are off (an empty set) otherwise:
 
     nan_loss@S           the loss of optimizer step S (0-based, before the update) is NaN on every rank
+                         (a transient fault: once per process, so a rollback past S does not meet it again)
     save_error@S         writing the checkpoint of step S fails with "No space left on device"
     crash_before_commit@S  the process dies (exit 137, like kill -9) after writing the checkpoint of
                          step S but before committing it
@@ -20,9 +21,10 @@ from dataclasses import dataclass, field
 KINDS = ("nan_loss", "save_error", "crash_before_commit")
 
 
-@dataclass(frozen=True)
+@dataclass
 class Faults:
     at: dict[str, frozenset[int]] = field(default_factory=dict)
+    fired: set[tuple[str, int]] = field(default_factory=set)
 
     @classmethod
     def from_env(cls) -> "Faults":
@@ -36,7 +38,11 @@ class Faults:
         return cls({k: frozenset(v) for k, v in at.items()})
 
     def __call__(self, kind: str, step: int) -> bool:
-        return step in self.at.get(kind, ())
+        """Whether fault `kind` strikes at `step`; each (kind, step) strikes once per process."""
+        if step not in self.at.get(kind, ()) or (kind, step) in self.fired:
+            return False
+        self.fired.add((kind, step))
+        return True
 
     def save_hook(self, step: int):
         """A callback for write_checkpoint, run after the files are written and before the commit."""

@@ -1,0 +1,93 @@
+"""Two real processes on the CPU through `accelerate launch` (gloo): replicas, resume, preemption."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import REPO, TINY, accelerate_launch, train
+from test_train import assert_same, final_weights
+from trainer.checkpoint import list_checkpoints
+
+pytestmark = pytest.mark.slow
+
+
+def launch_ok(*args: str, **kw) -> subprocess.CompletedProcess:
+    result = accelerate_launch("trainer/train.py", *TINY, *args, **kw)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def test_two_processes_train_one_run_with_identical_replicas(tmp_path):
+    launch_ok("--results_path", str(tmp_path), "--run_name", "r", "--train_num_steps", "6",
+              "--save_and_sample_every", "3", "--num_samples", "3", "--report_to", "wandb")
+    assert [p.name for p in tmp_path.iterdir()] == ["r"]
+    run_dir = tmp_path / "r"
+    replicas = json.loads((run_dir / "replicas.json").read_text())
+    assert len(replicas["digests"]) == 2 and replicas["identical"]
+    assert [p.name for p in list_checkpoints(run_dir)] == ["step-00000003", "step-00000006"]
+    assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 1
+    state = json.loads((list_checkpoints(run_dir)[-1] / "state.json").read_text())
+    assert state["world_size"] == 2 and state["images_seen"] == 6 * 2 * 4
+
+
+def test_two_process_resume_is_bit_exact_and_a_new_world_size_keeps_the_data_position(tmp_path, capsys):
+    common = ["--grad_accum", "2", "--save_and_sample_every", "3", "--dropout", "0.1"]
+    launch_ok("--results_path", str(tmp_path / "a"), "--run_name", "r", *common, "--train_num_steps", "7")
+    launch_ok("--results_path", str(tmp_path / "b"), "--run_name", "r", *common, "--train_num_steps", "4")
+    launch_ok("--results_path", str(tmp_path / "b"), "--resume", "latest", "--train_num_steps", "7")
+    assert_same(final_weights(tmp_path / "a" / "r"), final_weights(tmp_path / "b" / "r"))
+
+    # One process with the same global batch continues at the same place in the data.
+    before = json.loads((list_checkpoints(tmp_path / "b" / "r")[-1] / "state.json").read_text())
+    train(tmp_path / "b", "--resume", "latest", "--batch_size", "8", "--train_num_steps", "8")
+    assert "resuming with a different layout" in capsys.readouterr().out
+    after = json.loads((list_checkpoints(tmp_path / "b" / "r")[-1] / "state.json").read_text())
+    assert after["world_size"] == 1 and after["step"] == 8
+    assert after["data_offset"] == before["data_offset"] + 8 * 2  # one step: 8 samples x 2 micro-batches
+    assert after["images_seen"] == before["images_seen"] + 16
+
+
+def _start_long_run(results: Path) -> subprocess.Popen:
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+           "trainer/train.py", *TINY, "--results_path", str(results), "--run_name", "r",
+           "--train_num_steps", "100000", "--save_and_sample_every", "100000"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not (results / "r" / "metrics.jsonl").is_file() or not (results / "r" / "metrics.jsonl").read_text():
+        assert proc.poll() is None and time.time() < deadline, "training did not start"
+        time.sleep(0.2)
+    return proc
+
+
+@pytest.mark.parametrize("target", ["workers", "launcher"])
+def test_sigterm_makes_both_ranks_save_and_exit(tmp_path, target):
+    """A scheduler's SIGTERM (to the workers, or to `accelerate launch`, which forwards it) saves at once."""
+    proc = _start_long_run(tmp_path)
+    workers = psutil.Process(proc.pid).children(recursive=True)
+    signalled = time.time()
+    if target == "workers":
+        for w in workers:
+            w.send_signal(signal.SIGTERM)
+    else:
+        proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert time.time() - signalled < 30, "must finish within the launcher's grace period"
+    assert out.count("stop requested (signal): saved at step") == 1, out[-3000:]
+    assert "trainer/train.py\", line" not in out and "[rank0]: Traceback" not in out, out[-3000:]
+    if target == "workers":  # the launcher itself was not signalled: the job ends successfully
+        assert proc.returncode == 0, out[-3000:]
+    ckpts = list_checkpoints(tmp_path / "r")
+    assert len(ckpts) == 1
+    state = json.loads((ckpts[0] / "state.json").read_text())
+    assert state["step"] >= 1 and state["world_size"] == 2
