@@ -222,6 +222,8 @@ def validate(cfg: Config) -> None:
     for name, value in positive.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ConfigError(f"--{name} must be a whole number of at least 1, got {value!r}.")
+    if t.max_rollbacks < 0:
+        raise ConfigError(f"--max_rollbacks must be 0 or more, got {t.max_rollbacks}.")
     if t.num_samples < 0:
         raise ConfigError(f"--num_samples must be 0 or more, got {t.num_samples}.")
     if t.lr <= 0:

@@ -1,0 +1,188 @@
+"""Kill training with SIGKILL at random moments, resume after each kill, and prove nothing was lost.
+
+    python scripts/fault_injection.py --kills 50
+
+Runs one uninterrupted reference run, then the same run killed `--kills` times at random points
+(during start-up, training steps, sampling or a save) and restarted each time with `--resume auto`,
+as `accelerate launch --max_restarts` or a cluster requeue would. Prints, and returns as a Report:
+kills survived, steps lost per kill (the steps since the last committed checkpoint), checkpoints
+found damaged after a kill (must be 0), and whether the final model, EMA, optimizer and data
+position equal the reference bit for bit. tests/test_faults.py runs the same at a smaller count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+from trainer.checkpoint import list_checkpoints, verify  # noqa: E402
+from trainer.errors import CheckpointError  # noqa: E402
+
+# Small enough that a step takes milliseconds; enough steps and saves that kills land everywhere.
+RUN = ["--dataset", "two_modes", "--channels", "1", "--image_size", "8", "--dim", "8", "--dim_mults", "1", "2",
+       "--attn_heads", "1", "--attn_dim_head", "8", "--timesteps", "30", "--sampling_timesteps", "4",
+       "--batch_size", "4", "--grad_accum", "2", "--num_samples", "2", "--log_every", "1", "--report_to", "none",
+       "--ema_update_after_step", "2", "--ema_update_every", "1", "--lr", "1e-3", "--dropout", "0.1",
+       "--preset", "tiny"]
+
+
+@dataclass
+class Report:
+    kills: int = 0
+    restarts: int = 0
+    steps_lost: list[int] = field(default_factory=list)
+    checkpoints_damaged: int = 0
+    identical: bool = False
+    differences: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def table(self) -> str:
+        lost = self.steps_lost or [0]
+        rows = [("kills (SIGKILL) survived", f"{self.kills}"),
+                ("restarts", f"{self.restarts}"),
+                ("steps lost per kill: mean / max", f"{statistics.mean(lost):.1f} / {max(lost)}"),
+                ("checkpoints damaged after a kill", f"{self.checkpoints_damaged}"),
+                ("final state equals the uninterrupted run bit for bit", "yes" if self.identical else "NO"),
+                ("wall time", f"{self.seconds:.0f} s")]
+        width = max(len(r[0]) for r in rows)
+        return "\n".join(["| what | figure |", "|---|---|"] + [f"| {k:<{width}} | {v} |" for k, v in rows])
+
+
+def train_command(results: Path, steps: int, save_every: int, *extra: str) -> list[str]:
+    return [sys.executable, str(REPO / "trainer" / "train.py"), *RUN, "--results_path", str(results),
+            "--run_name", "run", "--train_num_steps", str(steps), "--save_and_sample_every", str(save_every), *extra]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
+            "WANDB_MODE": "offline", **extra}
+
+
+def final_state(run_dir: Path) -> dict:
+    last = list_checkpoints(run_dir)[-1]
+    state = json.loads((last / "state.json").read_text())
+    return {"model": load_file(str(last / "model.safetensors")), "ema": load_file(str(last / "ema.safetensors")),
+            "optimizer": torch.load(last / "optimizer.pt", weights_only=True),
+            "counters": {k: state[k] for k in ("step", "images_seen", "data_epoch", "data_offset", "ema_step")}}
+
+
+def differences(a, b, path: str = "") -> list[str]:
+    """Paths at which two nested structures of tensors and numbers differ (empty: bit-identical)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        if a.keys() != b.keys():
+            return [f"{path}: keys differ"]
+        return [d for k in a for d in differences(a[k], b[k], f"{path}/{k}")]
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        if len(a) != len(b):
+            return [f"{path}: lengths differ"]
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in differences(x, y, f"{path}[{i}]")]
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return [] if a.dtype == b.dtype and torch.equal(a, b) else [path]
+    return [] if a == b else [f"{path}: {a!r} != {b!r}"]
+
+
+def _last_logged_step(run_dir: Path) -> int:
+    metrics = run_dir / "metrics.jsonl"
+    lines = metrics.read_text().splitlines() if metrics.is_file() else []
+    for line in reversed(lines):
+        try:
+            return json.loads(line)["step"]
+        except (ValueError, KeyError):
+            continue  # a line cut by the kill
+    return 0
+
+
+def _committed_step(run_dir: Path) -> int:
+    ckpts = list_checkpoints(run_dir)
+    return int(ckpts[-1].name.split("-")[1]) if ckpts else 0
+
+
+def run_reference(results: Path, steps: int, save_every: int) -> tuple[Path, float]:
+    """The uninterrupted run. Returns its folder and its training speed in steps per second."""
+    proc = subprocess.run(train_command(results, steps, save_every), env=_env(), cwd=REPO,
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"reference run failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    seconds = float(proc.stdout.split("done: step")[1].split(" in ")[1].split(" s")[0])
+    return results / "run", steps / max(seconds, 0.5)
+
+
+def chaos(results: Path, reference: Path, *, kills: int, steps: int, save_every: int, steps_per_s: float,
+          seed: int = 0) -> Report:
+    """Kill the run `kills` times at random moments, restarting it with --resume auto after each."""
+    rng = random.Random(seed)
+    report = Report()
+    start = time.perf_counter()
+    run_dir = results / "run"
+    cmd = train_command(results, steps, save_every, "--resume", "auto")
+    while True:
+        proc = subprocess.Popen(cmd, env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                text=True)
+        if report.kills < kills:
+            for line in proc.stdout:  # wait until the run is set up, then strike at a random moment
+                if line.startswith("run folder:"):
+                    break
+            remaining = (steps - _committed_step(run_dir)) / steps_per_s
+            time.sleep(rng.uniform(0, 0.9 * remaining))
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+                report.kills += 1
+                report.steps_lost.append(max(0, _last_logged_step(run_dir) - _committed_step(run_dir)))
+                for ckpt in list_checkpoints(run_dir):
+                    try:
+                        verify(ckpt)
+                    except CheckpointError:
+                        report.checkpoints_damaged += 1
+                report.restarts += 1
+                continue
+        proc.stdout.read()
+        if proc.wait() != 0:
+            raise RuntimeError(f"a restarted run failed with exit status {proc.returncode}")
+        break
+    report.differences = differences(final_state(reference), final_state(run_dir))
+    report.identical = not report.differences
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--kills", type=int, default=50, help="SIGKILLs to survive (default 50)")
+    parser.add_argument("--steps", type=int, default=300, help="optimizer steps of the run (default 300)")
+    parser.add_argument("--save_every", type=int, default=10, help="steps between checkpoints (default 10)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the kill times")
+    parser.add_argument("--workdir", default=None, help="where runs go (default: a temporary folder)")
+    args = parser.parse_args()
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.workdir or tmp)
+        print(f"reference run: {args.steps} steps ...", flush=True)
+        reference, speed = run_reference(work / "reference", args.steps, args.save_every)
+        print(f"chaos run: {args.kills} kills at random moments ...", flush=True)
+        report = chaos(work / "chaos", reference, kills=args.kills, steps=args.steps, save_every=args.save_every,
+                       steps_per_s=speed, seed=args.seed)
+    print(report.table())
+    for d in report.differences[:10]:
+        print("differs:", d)
+    return 0 if report.identical and report.checkpoints_damaged == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
