@@ -28,7 +28,9 @@ def test_help_lists_every_flag_with_its_default():
                  "--resume", "--report_to", "--dataset", "--train_data_dir", "--objective", "--beta_schedule",
                  "--dim_mults", "--config", "--checkpoints_total_limit"]:
         assert flag in result.stdout, flag
-    assert "(default: 0.995)" in result.stdout  # --ema_decay
+    text = " ".join(result.stdout.split())  # undo argparse's line wrapping
+    assert "AdamW weight decay. (default: 0.0)" in text
+    assert "Peak learning rate of AdamW. (default: 8e-05 (tiny: 0.001; full: 8e-05))" in text
     assert "examples:" in result.stdout
 
 
@@ -153,3 +155,23 @@ def test_multi_gpu_without_gpus_is_refused_not_run_twice(tmp_path):
     assert result.returncode != 0
     assert "each one sees a world of 1" in result.stderr and "ACCELERATE_USE_CPU=true" in result.stderr
     assert not list(tmp_path.rglob("*.safetensors"))
+
+
+def test_fsdp_and_deepspeed_launches_are_refused_with_the_alternative(capsys, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    code, err = run_main(capsys, *TINY, "--train_num_steps", "1")
+    assert code == 2 and "FSDP" in err and "multi_gpu.yaml" in err
+
+
+def test_readme_flag_reference_is_current():
+    from trainer.config import readme_with_flags
+
+    readme = (REPO / "README.md").read_text()
+    assert readme_with_flags(readme) == readme, "run: python -m trainer.config --update-readme"
+    for flag in ("--batch_size", "--resume", "--max_rollbacks"):
+        assert f"| `{flag}` |" in readme
+
+
+def test_readme_test_command_is_what_ci_runs():
+    assert "./launch.sh test" in (REPO / "README.md").read_text()
+    assert "./launch.sh test" in (REPO / ".ci" / "run").read_text()

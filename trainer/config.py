@@ -303,3 +303,48 @@ def default_num_workers(has_gpu: bool, local_world_size: int) -> int:
     if not has_gpu:
         return 0
     return max(1, min(8, (os.cpu_count() or 1) // max(1, local_world_size) - 1))
+
+
+# ----------------------------------------------------------------------------------------------
+# The README's flag reference is generated from the fields above: `python -m trainer.config --update-readme`.
+
+README_START, README_END = "<!-- flags:start -->", "<!-- flags:end -->"
+
+
+def flags_markdown() -> str:
+    """One table per section: flag, default, meaning."""
+    out = []
+    for section, f, typ in field_specs():
+        if not out or out[-1][0] != section:
+            out.append((section, []))
+        default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+        meaning = f.metadata["help"]
+        if "choices" in f.metadata:
+            meaning += " One of: " + ", ".join(f"`{c}`" for c in f.metadata["choices"]) + "."
+        out[-1][1].append(f"| `--{f.name}` | {default_text(f.name, default, code=True)} | {meaning} |")
+    blocks = [f"**{section}**\n\n| flag | default | meaning |\n|---|---|---|\n" + "\n".join(rows)
+              for section, rows in out]
+    return "\n\n".join(blocks)
+
+
+def default_text(name: str, default: Any, *, code: bool = False) -> str:
+    """The default of a flag, with the preset values where a preset sets it."""
+    q = (lambda v: f"`{show_value(v)}`") if code else show_value  # noqa: E731
+    per_preset = [f"{p}: {q(PRESET_VALUES[p][name])}" for p in ("tiny", "full") if name in PRESET_VALUES[p]]
+    return q(default) + (f" ({'; '.join(per_preset)})" if per_preset else "")
+
+
+def readme_with_flags(readme: str) -> str:
+    head, _, rest = readme.partition(README_START)
+    _, _, tail = rest.partition(README_END)
+    return f"{head}{README_START}\n{flags_markdown()}\n{README_END}{tail}"
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] == ["--update-readme"]:
+        readme = Path(__file__).resolve().parent.parent / "README.md"
+        readme.write_text(readme_with_flags(readme.read_text()))
+    else:
+        print(flags_markdown())

@@ -26,8 +26,8 @@ import torch  # noqa: E402
 
 from trainer import checkpoint as ckpt_io  # noqa: E402
 from trainer.config import (  # noqa: E402
-    RESUME_FREE, RESUME_LOCKED, SECTIONS, Config, build_config, config_diff, field_specs, load_yaml, show_value,
-    validate)
+    RESUME_FREE, RESUME_LOCKED, SECTIONS, Config, build_config, config_diff, default_text, field_specs, load_yaml,
+    show_value, validate)
 from trainer.errors import CheckpointError, ConfigError, EddyError  # noqa: E402
 
 EXAMPLES = """\
@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _argparse_kwargs(f, typ) -> dict[str, Any]:
     default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
-    help_text = f"{f.metadata['help']} (default: {show_value(default)})"
+    help_text = f"{f.metadata['help']} (default: {default_text(f.name, default)})"
     kw: dict[str, Any] = {"help": help_text}
     args = [a for a in get_args(typ) if a is not type(None)]
     base = args[0] if args else typ

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import signal
 import time
 import warnings
@@ -46,8 +47,12 @@ _TRAIN, _SAMPLE = 1, 2
 
 def make_accelerator(cfg: Config) -> Accelerator:
     """The Accelerator for `cfg`, after checking that the launch really formed the world it claims."""
-    import os
-
+    for backend in ("FSDP", "DEEPSPEED"):
+        if os.environ.get(f"ACCELERATE_USE_{backend}", "").lower() in ("1", "true", "yes"):
+            raise ConfigError(
+                f"the launch asks for {backend}, which Eddy does not support yet: its checkpoints and exact "
+                f"resume need the whole model state on every rank. Use accelerate_configs/multi_gpu.yaml or "
+                f"multi_node.yaml (DDP).")
     mp = cfg.train.mixed_precision
     if mp == "auto":
         mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
