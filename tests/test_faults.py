@@ -26,9 +26,9 @@ pytestmark = pytest.mark.slow
 
 def test_survives_ten_random_kill_9s_bit_for_bit(tmp_path):
     steps, save_every = 60, 5
-    reference, speed = fault_injection.run_reference(tmp_path / "reference", steps, save_every)
+    reference = fault_injection.run_reference(tmp_path / "reference", steps, save_every)
     report = fault_injection.chaos(tmp_path / "chaos", reference, kills=10, steps=steps, save_every=save_every,
-                                   steps_per_s=speed, seed=1)
+                                   seed=1)
     print(report.table())
     assert report.kills == 10
     assert report.checkpoints_damaged == 0
@@ -49,7 +49,7 @@ def test_crash_between_write_and_commit_leaves_nothing_resume_would_take(tmp_pat
     assert "removed an incomplete checkpoint left by a crash" in resumed.stdout
     assert "from step-00000003" in resumed.stdout
     assert not list((run_dir / "checkpoints").glob(".tmp-*"))
-    reference, _ = fault_injection.run_reference(tmp_path / "reference", 9, 3)
+    reference = fault_injection.run_reference(tmp_path / "reference", 9, 3)
     assert not fault_injection.differences(fault_injection.final_state(reference),
                                            fault_injection.final_state(run_dir))
 

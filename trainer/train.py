@@ -176,8 +176,8 @@ def run(args: dict[str, Any]) -> Path:
     if wandb_note and main_proc:
         say(f"W&B: {wandb_note}")
 
-    trainer = Trainer(cfg, accelerator, diffusion, dataset, run_dir, tracker=tracker, resume_from=resume_from)
-    trainer.state.tracker_run_id = run_id[0]
+    trainer = Trainer(cfg, accelerator, diffusion, dataset, run_dir, tracker=tracker, resume_from=resume_from,
+                      run_id=run_id[0])
     start = time.perf_counter()
     try:
         state = trainer.train()

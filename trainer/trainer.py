@@ -20,7 +20,6 @@ import os
 import signal
 import time
 import warnings
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -95,12 +94,10 @@ def lr_at(step: int, cfg: Config) -> float:
 
 @dataclass
 class TrainState:
-    """The counters a checkpoint restores; everything else is derived from them and the config."""
+    """The counters a checkpoint restores, beside the data position that the sampler keeps."""
 
     step: int = 0                 # optimizer steps taken
     images_seen: int = 0          # training images consumed, all ranks together
-    data_epoch: int = 0           # position in the data: epoch ...
-    data_offset: int = 0          # ... and samples into that epoch's permutation
     nonfinite_skipped: int = 0    # steps skipped for a non-finite loss or gradient
     rollbacks: int = 0            # returns to the last checkpoint after a run of non-finite steps
     tracker_run_id: str = ""      # the W&B run that a resume continues
@@ -115,7 +112,8 @@ class Trainer:
     state: TrainState
 
     def __init__(self, cfg: Config, accelerator: Accelerator, diffusion: GaussianDiffusion, dataset: Dataset,
-                 run_dir: Path, tracker: Tracker | None = None, resume_from: ckpt_io.Checkpoint | None = None):
+                 run_dir: Path, tracker: Tracker | None = None, resume_from: ckpt_io.Checkpoint | None = None,
+                 run_id: str = ""):
         self.cfg, self.accelerator, self.run_dir = cfg, accelerator, run_dir
         self.tracker = tracker if accelerator.is_main_process else None
         self.device = accelerator.device
@@ -149,8 +147,7 @@ class Trainer:
         self._stop_flag = torch.zeros((), device=self.device)
         if resume_from is not None:
             self.load(resume_from)
-        if not self.state.tracker_run_id:
-            self.state.tracker_run_id = uuid.uuid4().hex[:12]
+        self.state.tracker_run_id = run_id or self.state.tracker_run_id
 
     # ------------------------------------------------------------------------------------------
     # The loop
@@ -403,9 +400,9 @@ class Trainer:
         if self.accelerator.scaler is not None and "scaler" in ck.optimizer:
             self.accelerator.scaler.load_state_dict(ck.optimizer["scaler"])
         s = ck.state
-        self.state = TrainState(step=s["step"], images_seen=s["images_seen"], data_epoch=s["data_epoch"],
-                                data_offset=s["data_offset"], nonfinite_skipped=s.get("nonfinite_skipped", 0),
-                                rollbacks=s.get("rollbacks", 0), tracker_run_id=s.get("tracker_run_id", ""))
+        self.state = TrainState(step=s["step"], images_seen=s["images_seen"],
+                                nonfinite_skipped=s.get("nonfinite_skipped", 0), rollbacks=s.get("rollbacks", 0),
+                                tracker_run_id=s.get("tracker_run_id", ""))
         replay = self.sampler.set_position(s["data_epoch"], s["data_offset"])
         layout_old = (s.get("world_size"), s.get("batch_size"), s.get("grad_accum"))
         layout_new = (self.accelerator.num_processes, self.cfg.train.batch_size, self.cfg.train.grad_accum)
