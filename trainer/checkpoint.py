@@ -191,15 +191,19 @@ def load_latest_good(run_dir: Path, warn: Callable[[str], None]) -> tuple[Path, 
     return None
 
 
+def newest_run(results_path: Path) -> Path | None:
+    """The run folder under `results_path` whose newest committed checkpoint is the most recent."""
+    runs = [p for p in results_path.iterdir() if p.is_dir() and list_checkpoints(p)] if results_path.is_dir() else []
+    return max(runs, key=lambda p: list_checkpoints(p)[-1].stat().st_mtime) if runs else None
+
+
 def find_run_to_resume(resume: str, results_path: Path) -> tuple[Path, Path | None]:
     """Resolve `--resume` to (run folder, explicit checkpoint folder or None for 'newest good')."""
     if resume == "latest":
-        runs = [p for p in results_path.iterdir() if p.is_dir() and list_checkpoints(p)] \
-            if results_path.is_dir() else []
-        if not runs:
+        newest = newest_run(results_path)
+        if newest is None:
             raise CheckpointError(f"--resume latest: no run with a checkpoint under --results_path {results_path}. "
                                   f"Start without --resume, or point --results_path at the folder of your runs.")
-        newest = max(runs, key=lambda p: list_checkpoints(p)[-1].stat().st_mtime)
         return newest, None
     path = Path(resume).resolve()
     if not path.exists():
@@ -210,3 +214,18 @@ def find_run_to_resume(resume: str, results_path: Path) -> tuple[Path, Path | No
         raise CheckpointError(f"--resume {resume}: this folder holds no committed checkpoint "
                               f"(expected {path}/checkpoints/step-*/{MARKER}).")
     return path, None
+
+
+def load_weights_checked(module: torch.nn.Module, sd: dict[str, torch.Tensor], name: str, hint: str) -> None:
+    """Strict `load_state_dict` whose error names the keys that are missing, unexpected or mis-shaped."""
+    own = module.state_dict()
+    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+    shapes = sorted(k for k in set(own) & set(sd) if own[k].shape != sd[k].shape)
+    if missing or unexpected or shapes:
+        few = lambda keys: f"{keys[:5]}{' ...' if len(keys) > 5 else ''}"  # noqa: E731
+        parts = [f"missing {few(missing)}"] * bool(missing) + [f"unexpected {few(unexpected)}"] * bool(unexpected)
+        if shapes:
+            parts.append("shape of " + ", ".join(f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}"
+                                                 for k in shapes[:5]))
+        raise CheckpointError(f"{name} does not fit this model: {'; '.join(parts)}. {hint}")
+    module.load_state_dict(sd, strict=True)

@@ -99,12 +99,10 @@ def resolve_checkpoint(checkpoint: str, results_path: str | Path = "results",
     warn = warn or (lambda m: print(f"WARNING: {m}", file=sys.stderr))
     if checkpoint == "latest":
         results = Path(results_path)
-        runs = [p for p in results.iterdir() if p.is_dir() and ckpt_io.list_checkpoints(p)] \
-            if results.is_dir() else []
-        if not runs:
+        run_dir = ckpt_io.newest_run(results)
+        if run_dir is None:
             raise CheckpointError(f"CHECKPOINT latest: no run with a checkpoint under --results_path {results}. "
                                   f"Pass a run folder or checkpoint folder, or point --results_path at your runs.")
-        run_dir = max(runs, key=lambda p: ckpt_io.list_checkpoints(p)[-1].stat().st_mtime)
         return run_dir, _newest_intact(run_dir, "CHECKPOINT latest", warn)
 
     path = Path(checkpoint)
@@ -170,21 +168,7 @@ def load_weights(module: torch.nn.Module, path: Path) -> None:
         sd = load_file(str(path))
     except Exception as e:  # safetensors raises its own error types for malformed files
         raise CheckpointError(f"{path} could not be read: {e}") from None
-    own = module.state_dict()
-    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
-    shapes = sorted(k for k in set(own) & set(sd) if own[k].shape != sd[k].shape)
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-        if unexpected:
-            parts.append(f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
-        if shapes:
-            parts.append("shape of " + ", ".join(f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}"
-                                                 for k in shapes[:5]))
-        raise CheckpointError(f"{path} does not fit the network described by its checkpoint's config: "
-                              f"{'; '.join(parts)}.")
-    module.load_state_dict(sd, strict=True)
+    ckpt_io.load_weights_checked(module, sd, str(path), "Was the checkpoint's config edited by hand?")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -392,8 +392,9 @@ class Trainer:
 
     def load(self, ck: ckpt_io.Checkpoint) -> None:
         """Restore model, EMA, optimizer and counters from a checkpoint (on every rank)."""
-        _load_weights(self.net, ck.model, "model.safetensors")
-        _load_weights(self.ema.ema_model, ck.ema, "ema.safetensors")
+        hint = "Resume with the model flags the run was started with."
+        ckpt_io.load_weights_checked(self.net, ck.model, "model.safetensors", hint)
+        ckpt_io.load_weights_checked(self.ema.ema_model, ck.ema, "ema.safetensors", hint)
         self.ema.step.fill_(ck.state.get("ema_step", 0))
         self.ema.initted.fill_(ck.state.get("ema_initted", True))
         self.optimizer.load_state_dict(ck.optimizer["optimizer"])
@@ -412,25 +413,6 @@ class Trainer:
                 f"now {layout_new}. The data continues at the same position of epoch {s['data_epoch']}"
                 + (f" ({replay} samples are seen again to align with the new global batch)." if replay else ".")
                 + " The run is no longer bit-for-bit identical to one that kept the old layout.")
-
-
-def _load_weights(module: torch.nn.Module, sd: dict[str, torch.Tensor], name: str) -> None:
-    own = module.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    shapes = sorted(k for k in set(own) & set(sd) if own[k].shape != sd[k].shape)
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-        if unexpected:
-            parts.append(f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
-        if shapes:
-            parts.append("shape of " + ", ".join(f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}"
-                                                 for k in shapes[:5]))
-        raise CheckpointError(f"{name} does not fit this model: {'; '.join(parts)}. "
-                              f"Resume with the model flags the run was started with.")
-    module.load_state_dict(sd)
 
 
 class _LogWindow:
