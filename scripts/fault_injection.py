@@ -95,17 +95,6 @@ def differences(a, b, path: str = "") -> list[str]:
     return [] if a == b else [f"{path}: {a!r} != {b!r}"]
 
 
-def _last_logged_step(run_dir: Path) -> int:
-    metrics = run_dir / "metrics.jsonl"
-    lines = metrics.read_text().splitlines() if metrics.is_file() else []
-    for line in reversed(lines):
-        try:
-            return json.loads(line)["step"]
-        except (ValueError, KeyError):
-            continue  # a line cut by the kill
-    return 0
-
-
 def _logged_lines(run_dir: Path) -> int:
     metrics = run_dir / "metrics.jsonl"
     return len(metrics.read_text().splitlines()) if metrics.is_file() else 0
@@ -128,9 +117,9 @@ def run_reference(results: Path, steps: int, save_every: int) -> Path:
 def chaos(results: Path, reference: Path, *, kills: int, steps: int, save_every: int, seed: int = 0) -> Report:
     """Kill the run `kills` times, restarting it with --resume auto after each.
 
-    Each kill strikes either during start-up (one in ten) or once the run has logged a step drawn
-    uniformly from what is left, plus a random few milliseconds, so kills land in steps, sampling
-    and saves alike, whatever the speed of the machine."""
+    Each kill strikes either during start-up (one in ten) or after the restarted process has trained
+    a number of steps drawn uniformly from what is left, plus a random few milliseconds, so kills land
+    in steps, sampling and saves alike, whatever the speed of the machine."""
     rng = random.Random(seed)
     report = Report()
     start = time.perf_counter()
@@ -143,8 +132,10 @@ def chaos(results: Path, reference: Path, *, kills: int, steps: int, save_every:
             if rng.random() < 0.1:
                 time.sleep(rng.uniform(0.0, 3.0))
             else:
-                target = rng.randint(_committed_step(run_dir), steps - 2)
-                while proc.poll() is None and _last_logged_step(run_dir) < target:
+                # Strike after this life has trained k steps (one metrics line each), k drawn from
+                # what is left, keeping a few steps in hand so the run cannot finish first.
+                k = rng.randint(1, max(1, steps - committed_before - 5))
+                while proc.poll() is None and _logged_lines(run_dir) - lines_before < k:
                     time.sleep(0.002)
                 time.sleep(rng.uniform(0.0, 0.05))
             if proc.poll() is None:

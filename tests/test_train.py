@@ -69,7 +69,12 @@ def test_run_folder_holds_checkpoint_grids_config_and_wandb_run(tmp_path):
     run_dir = train(tmp_path, "--train_num_steps", "6", "--save_and_sample_every", "3", "--report_to", "wandb")
     assert [p.name for p in list_checkpoints(run_dir)] == ["step-00000003", "step-00000006"]
     assert sorted(p.name for p in (run_dir / "samples").iterdir()) == [
-        "data.png", "step-00000003.png", "step-00000006.png"]
+        "data.png", "progress.gif", "step-00000003.png", "step-00000006.png"]
+    from PIL import Image
+
+    grid, gif = Image.open(run_dir / "samples" / "step-00000006.png"), Image.open(run_dir / "samples" / "progress.gif")
+    assert gif.n_frames == 2 and gif.size == grid.size
+    assert grid.size == (2 * (8 + 4) * 16, 1 * (8 + 4) * 16)  # 2 samples of 8 px, 2 px padding, scaled x16
     assert load_run_config(run_dir).train.train_num_steps == 6
     wandb_runs = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(wandb_runs) == 1 and any(wandb_runs[0].glob("*.wandb"))

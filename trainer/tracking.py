@@ -140,3 +140,14 @@ def save_image_grid(images: torch.Tensor, path: Path, *, scale: int = 1) -> Path
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
     return path
+
+
+def write_progress_gif(samples_dir: Path, frame_ms: int = 400) -> Path | None:
+    """`progress.gif`: the sample grids of every save so far, in order, to watch the model learn."""
+    frames = sorted(samples_dir.glob("step-*.png"))
+    if not frames:
+        return None
+    images = [Image.open(f).convert("RGB") for f in frames]
+    path = samples_dir / "progress.gif"
+    images[0].save(path, save_all=True, append_images=images[1:], duration=frame_ms, loop=0)
+    return path

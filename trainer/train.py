@@ -128,26 +128,27 @@ def run(args: dict[str, Any]) -> Path:
     say = accelerator.print
 
     # The run folder, and the checkpoint to resume: decided on the main process, then broadcast.
-    decision: list[Any] = [None, None, None]  # run folder, checkpoint folder, error message
-    resume_from = None
+    decision: list[Any] = [None, None, None]  # run folder, checkpoint folder or None, error message
+    resume_from = None  # the main process has read the checkpoint while deciding; the others read it below
     if main_proc:
         try:
-            run_dir, resume_from = _decide_run(cfg, run_dir, ckpt_dir, say)
-            decision[:2] = str(run_dir), resume_from and str(resume_from[0])
-            resume_from = resume_from and resume_from[1]
+            run_dir, ckpt_dir, resume_from = _decide_run(cfg, run_dir, ckpt_dir, say)
+            decision[:2] = str(run_dir), ckpt_dir and str(ckpt_dir)
         except EddyError as e:
             decision[2] = str(e)
     broadcast_object_list(decision)
     if decision[2]:
         raise CheckpointError(decision[2])
-    run_dir, ckpt_dir = Path(decision[0]), decision[1] and Path(decision[1])
-    if ckpt_dir and resume_from is None:
+    run_dir = Path(decision[0])
+    ckpt_dir = Path(decision[1]) if decision[1] else None
+    if ckpt_dir is not None and resume_from is None:
         resume_from = ckpt_io.read_checkpoint(ckpt_dir)
     if resume_from is not None:
         old = {k: v for section in resume_from.state["config"].values() for k, v in section.items()}
         changed = {k: v for k, v in config_diff(old, cfg.flat()).items() if k not in RESUME_FREE}
+        changes = ", ".join(f"{k} {show_value(a)} -> {show_value(b)}" for k, (a, b) in changed.items())
         say(f"resuming {run_dir} from {ckpt_dir.name} (step {resume_from.state['step']})"
-            + ("; changed since: " + ", ".join(f"{k} {show_value(a)} -> {show_value(b)}" for k, (a, b) in changed.items()) if changed else ""))
+            + (f"; changed since: {changes}" if changes else ""))
 
     # Data, then the model: both before any training step, so bad input fails early.
     with accelerator.main_process_first():
@@ -197,23 +198,23 @@ def run(args: dict[str, Any]) -> Path:
 
 
 def _decide_run(cfg: Config, run_dir: Path | None, ckpt_dir: Path | None,
-                say) -> tuple[Path, tuple[Path, ckpt_io.Checkpoint] | None]:
-    """(run folder, (checkpoint folder, its contents) to resume or None). Main process only."""
+                say) -> tuple[Path, Path | None, ckpt_io.Checkpoint | None]:
+    """(run folder, checkpoint folder to resume, its contents); no checkpoint for a new run. Main process only."""
     if run_dir is None:
         name = cfg.run.run_name or time.strftime("%Y%m%d-%H%M%S")
         run_dir = Path(cfg.run.results_path) / name
         if ckpt_io.list_checkpoints(run_dir):
             raise ConfigError(f"run folder {run_dir} already holds checkpoints: pass --resume {run_dir} to "
                               f"continue it, or another --run_name.")
-        return run_dir, None
+        return run_dir, None, None
     for p in ckpt_io.clean_leftovers(run_dir):
         say(f"removed an incomplete checkpoint left by a crash: {p}")
     if ckpt_dir is not None:
-        return run_dir, (ckpt_dir, ckpt_io.read_checkpoint(ckpt_dir))
+        return run_dir, ckpt_dir, ckpt_io.read_checkpoint(ckpt_dir)
     found = ckpt_io.load_latest_good(run_dir, warn=lambda m: say(f"WARNING: {m}"))
     if found is None:
         raise CheckpointError(f"--resume: no intact checkpoint in {run_dir / 'checkpoints'}.")
-    return run_dir, found
+    return run_dir, *found
 
 
 if __name__ == "__main__":

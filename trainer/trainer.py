@@ -38,7 +38,7 @@ from trainer.config import Config, default_num_workers
 from trainer.data.sampler import ResumableBatchSampler, mix_seed
 from trainer.errors import CheckpointError, ConfigError, EddyError
 from trainer.faults import Faults
-from trainer.tracking import Tracker, save_image_grid
+from trainer.tracking import Tracker, save_image_grid, write_progress_gif
 
 # Streams of the per-step seed, so that training, sampling and augmentation never share draws.
 _TRAIN, _SAMPLE = 1, 2
@@ -351,6 +351,7 @@ class Trainer:
             if samples is not None:
                 path = self.run_dir / "samples" / f"step-{self.state.step:08d}.png"
                 save_image_grid(samples, path, scale=max(1, 128 // samples.shape[-1]))
+                write_progress_gif(path.parent)
                 if self.tracker:
                     self.tracker.log_images("samples", path, self.state.step)
         self.save()
