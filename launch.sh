@@ -50,7 +50,19 @@ case "${1:-}" in
     *)
         config=$(pick_config)
         echo "launch.sh: accelerate launch --config_file $config trainer/train.py $*" >&2
+        # Preemption: pass SIGTERM/SIGUSR1 to the training processes, which save and exit 0; the
+        # launcher then ends normally. (Signalled itself, the launcher would exit non-zero.)
+        forward() { pkill "-$1" -P "$launcher" 2>/dev/null || true; }
+        trap 'forward TERM' TERM
+        trap 'forward USR1' USR1
         # shellcheck disable=SC2086
-        exec "$VENV/bin/accelerate" launch --config_file $config trainer/train.py "$@"
+        "$VENV/bin/accelerate" launch --config_file $config trainer/train.py "$@" &
+        launcher=$!
+        status=0
+        while true; do
+            wait "$launcher" && status=0 || status=$?
+            kill -0 "$launcher" 2>/dev/null || break  # wait returned because of a trapped signal
+        done
+        exit "$status"
         ;;
 esac

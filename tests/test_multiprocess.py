@@ -91,3 +91,22 @@ def test_sigterm_makes_both_ranks_save_and_exit(tmp_path, target):
     assert len(ckpts) == 1
     state = json.loads((ckpts[0] / "state.json").read_text())
     assert state["step"] >= 1 and state["world_size"] == 2
+
+
+def test_launch_sh_turns_a_preemption_signal_into_a_clean_save_and_exit_0(tmp_path):
+    """SIGTERM to `./launch.sh` reaches both training processes, which save; the job exits 0."""
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "PYTHONUNBUFFERED": "1",
+           "ACCELERATE_CONFIG": "accelerate_configs/cpu_2proc.yaml"}
+    proc = subprocess.Popen(["./launch.sh", *TINY, "--results_path", str(tmp_path), "--run_name", "r",
+                             "--train_num_steps", "100000", "--save_and_sample_every", "100000"],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "r" / "metrics.jsonl").is_file() or not (tmp_path / "r" / "metrics.jsonl").read_text():
+        assert proc.poll() is None and time.time() < deadline, "training did not start"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out[-3000:]
+    assert out.count("stop requested (signal): saved at step") == 1
+    assert len(list_checkpoints(tmp_path / "r")) == 1
+
