@@ -126,3 +126,22 @@ def test_lr_schedule(schedule, expected):
     got = [lr_at(step, cfg) for step in [0, 1, 3, 4, 5]]
     # cosine: progress (step - warmup) / (total - warmup) = 1/3, 2/3, 1 at steps 3, 4, 5
     assert got == pytest.approx(expected)
+
+
+def test_dataloader_workers_keep_the_data_order_and_exact_resume(tmp_path):
+    """Worker processes (persistent, prefetching) must not change which samples a step sees."""
+    common = ["--save_and_sample_every", "3", "--num_workers", "2"]
+    straight = train(tmp_path / "a", *common, "--train_num_steps", "6")
+    no_workers = train(tmp_path / "c", "--save_and_sample_every", "3", "--num_workers", "0", "--train_num_steps", "6")
+    train(tmp_path / "b", *common, "--train_num_steps", "4")
+    resumed = train(tmp_path / "b", "--resume", "latest", "--train_num_steps", "6")
+    assert_same(final_weights(straight), final_weights(resumed))
+    assert_same(final_weights(straight), final_weights(no_workers))
+
+
+def test_bf16_autocast_trains_on_cpu(tmp_path):
+    run_dir = train(tmp_path, "--mixed_precision", "bf16", "--train_num_steps", "4", "--save_and_sample_every", "4")
+    state = json.loads((list_checkpoints(run_dir)[-1] / "state.json").read_text())
+    assert state["step"] == 4 and state["nonfinite_skipped"] == 0
+    weights = final_weights(run_dir)
+    assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in weights["model"].values())

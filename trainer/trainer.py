@@ -18,6 +18,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -315,7 +316,7 @@ class Trainer:
             mix_seed(self.cfg.train.seed, _SAMPLE, self.state.step, acc.process_index))
         with acc.autocast():
             x = self.diffusion.sample(per_rank, model=self.ema.ema_model, generator=g,
-                                      progress=acc.is_main_process)
+                                      progress=acc.is_main_process and sys.stderr.isatty())
         x = acc.gather(x.float().contiguous())
         return x[:num_samples] if acc.is_main_process else None
 
