@@ -1,7 +1,7 @@
-"""Blocks shared by the 2D Unet and the Unet3D.
+"""Blocks of the 2D Unet, written once so that a video / fluid-frame network can reuse them.
 
-Everything here works on `[B, C, H, W]`; the Unet3D applies the same blocks per frame on
-`(b f) c h w` tensors and reuses the token-level attention cores (`attend`, `linear_attend`) for its
+Everything here works on `[B, C, H, W]`; a space-time network can apply the same blocks per frame on
+`(b f) c h w` tensors and reuse the token-level attention cores (`attend`, `linear_attend`) for
 temporal attention over `[B*H*W, heads, F, d]`.
 """
 

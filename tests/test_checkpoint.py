@@ -582,3 +582,21 @@ def test_faults_save_hook(monkeypatch):
     assert callable(f.save_hook(7))  # not called: it ends the process
     for step in (0, 3, 4, 6, 8):
         assert f.save_hook(step) is None
+
+
+def test_resaving_a_step_swaps_the_folder_atomically(tmp_path):
+    """A re-save of an existing step (after resuming from an older checkpoint) replaces it whole, and a
+    crash between the two renames puts the old one back instead of losing both."""
+    first = save(tmp_path, 4)
+    old_bytes = (first / "model.safetensors").read_bytes()
+    second = write_checkpoint(ckpt_path(tmp_path, 4), make_ckpt(5))  # other weights, same step folder
+    assert second == first and (second / "model.safetensors").read_bytes() != old_bytes
+    assert not list(first.parent.glob(".old-*")) and not list(first.parent.glob(".tmp-*"))
+
+    # Crash after the old folder was moved aside, before the new one was renamed into place.
+    os.replace(second, second.parent / f".old-{second.name}")
+    (second.parent / f".tmp-{second.name}").mkdir()
+    clean_leftovers(tmp_path)
+    assert [p.name for p in list_checkpoints(tmp_path)] == [second.name]
+    verify(second)
+    assert not list(second.parent.glob(".old-*")) and not list(second.parent.glob(".tmp-*"))

@@ -50,10 +50,14 @@ def test_accelerate_configs_load_with_accelerates_own_loader(path):
 
 def test_yaml_config_supplies_keys_and_flags_win(tmp_path):
     cfg_file = tmp_path / "run.yaml"
-    cfg_file.write_text("train:\n  train_num_steps: 3\n  lr: 0.01\nsave_and_sample_every: 3\n")
+    # PyYAML reads 1e-4 as a string and "1 2" lists as lists: values take the field's type.
+    cfg_file.write_text("train:\n  train_num_steps: 3\n  lr: 0.01\n  weight_decay: 1e-4\n"
+                        "save_and_sample_every: 3\nadam_betas: [0.9, 0.95]\nrandom_flip: false\n")
     run_dir = train(tmp_path, "--config", str(cfg_file), "--lr", "0.002")
     saved = json.loads((run_dir / "config.json").read_text())
     assert saved["train"]["train_num_steps"] == 3 and saved["train"]["lr"] == 0.002
+    assert saved["train"]["weight_decay"] == 1e-4 and saved["train"]["adam_betas"] == [0.9, 0.95]
+    assert saved["data"]["random_flip"] is False
 
 
 def _bad_inputs(tmp: Path) -> list[tuple[str, list[str], list[str]]]:
@@ -68,6 +72,8 @@ def _bad_inputs(tmp: Path) -> list[tuple[str, list[str], list[str]]]:
     bad_yaml.write_text("objective: pred_banana\n")
     unknown_yaml = tmp / "unknown.yaml"
     unknown_yaml.write_text("batchsize: 3\n")
+    wrong_type_yaml = tmp / "wrong_type.yaml"
+    wrong_type_yaml.write_text("weight_decay: lots\n")
     return [
         ("image size not divisible", ["--image_size", "10", "--dim_mults", "1", "2", "4"],
          ["--image_size 10", "divisible", "2^(levels-1) = 4", "8 or 12"]),
@@ -79,6 +85,9 @@ def _bad_inputs(tmp: Path) -> list[tuple[str, list[str], list[str]]]:
         ("unknown objective in YAML", ["--config", str(bad_yaml)], ["--objective", "pred_banana", "pred_v"]),
         ("unknown key in YAML", ["--config", str(unknown_yaml)], ["batchsize", "--help"]),
         ("missing YAML", ["--config", str(tmp / "none.yaml")], ["--config", "does not exist"]),
+        ("wrong type in YAML", ["--config", str(wrong_type_yaml)], ["--weight_decay 'lots' is not a valid float"]),
+        ("linear schedule too short", ["--beta_schedule", "linear", "--timesteps", "20", "--sampling_timesteps", "4"],
+         ["--beta_schedule linear needs --timesteps above 20"]),
         ("built-in dataset and a folder", ["--train_data_dir", str(corrupt)], ["--dataset two_modes", "one or the other"]),
         ("resume without checkpoints", ["--resume", "latest", "--results_path", str(tmp / "no_runs")],
          ["--resume latest", "no run with a checkpoint"]),

@@ -107,6 +107,15 @@ def test_resume_keeps_the_run_config_and_reports_changes(tmp_path, capsys):
     assert cfg.diffusion.objective == "pred_noise" and cfg.train.lr == 5e-4
 
 
+def test_resume_applies_new_optimizer_hyperparameters(tmp_path):
+    """The saved optimizer state must not bring back the old betas or weight decay."""
+    run_dir = train(tmp_path, "--train_num_steps", "2", "--save_and_sample_every", "2")
+    train(tmp_path, "--resume", str(run_dir), "--train_num_steps", "3", "--save_and_sample_every", "3",
+          "--weight_decay", "0.05", "--adam_betas", "0.8", "0.9")
+    groups = final_weights(run_dir)["optimizer"]["param_groups"]
+    assert all(g["weight_decay"] == 0.05 and tuple(g["betas"]) == (0.8, 0.9) for g in groups)
+
+
 def test_resume_auto_starts_then_continues_the_named_run(tmp_path):
     first = train(tmp_path, "--resume", "auto", "--train_num_steps", "2", "--save_and_sample_every", "2")
     again = train(tmp_path, "--resume", "auto", "--train_num_steps", "4", "--save_and_sample_every", "2")

@@ -4,9 +4,9 @@ Layout of a run folder:
 
     run/checkpoints/step-00001000/
         model.safetensors      network weights
-        ema.safetensors        EMA network weights (+ the EMA's counters)
+        ema.safetensors        EMA network weights
         optimizer.pt           optimizer (and grad scaler) state, loadable with weights_only=True
-        state.json             trainer counters: step, images seen, data position, tracker run id, config
+        state.json             counters (step, images seen, data position, EMA step), tracker run id, config
         COMMITTED              written last: sha256 and size of every file above
 
 A save writes into `.tmp-step-...`, fsyncs every file, writes COMMITTED, then renames the folder
@@ -100,10 +100,12 @@ def write_checkpoint(folder: Path, ckpt: Checkpoint, before_commit: Callable[[],
         marker = {"step": ckpt.state.get("step"), "files": manifest}
         _fsync_write(tmp / MARKER, lambda p: p.write_text(json.dumps(marker, indent=2)))
         _fsync_dir(tmp)
-        if folder.exists():  # a re-save of the same step (e.g. after a rollback): replace it
-            shutil.rmtree(folder)
+        old = folder.parent / f".old-{folder.name}"
+        if folder.exists():  # a re-save of a step (after resuming from an older checkpoint): swap it out
+            os.replace(folder, old)
         os.replace(tmp, folder)
         _fsync_dir(folder.parent)
+        shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -160,12 +162,20 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def clean_leftovers(run_dir: Path) -> list[Path]:
-    """Remove temporary and uncommitted folders left by a crash. Returns what was removed."""
+    """Remove temporary and uncommitted folders left by a crash. Returns what was removed.
+
+    A checkpoint swapped out for a re-save of its step (`.old-step-*`) is put back if the crash came
+    before the new one was in place, and removed otherwise."""
     ckpt_root = run_dir / "checkpoints"
     removed = []
     if ckpt_root.is_dir():
+        for p in ckpt_root.glob(".old-step-*"):
+            target = ckpt_root / p.name[len(".old-"):]
+            if not (target / MARKER).is_file() and (p / MARKER).is_file():
+                shutil.rmtree(target, ignore_errors=True)
+                os.replace(p, target)
         for p in ckpt_root.iterdir():
-            if p.name.startswith(".tmp-") or (_STEP_DIR.match(p.name) and not (p / MARKER).is_file()):
+            if p.name.startswith((".tmp-", ".old-")) or (_STEP_DIR.match(p.name) and not (p / MARKER).is_file()):
                 shutil.rmtree(p, ignore_errors=True)
                 removed.append(p)
     return removed

@@ -16,13 +16,11 @@ import json
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, get_args, get_type_hints
 
+from models.diffusion import BETA_SCHEDULES, LOSS_TYPES, OBJECTIVES
 from trainer.errors import ConfigError
 
-OBJECTIVES = ("pred_noise", "pred_x0", "pred_v")
-BETA_SCHEDULES = ("linear", "cosine", "sigmoid")
-LOSS_TYPES = ("l1", "l2")
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 LR_SCHEDULES = ("constant", "cosine", "step")
 REPORT_TO = ("wandb", "tensorboard", "none")
@@ -57,7 +55,7 @@ class DiffusionConfig:
     sampling_timesteps: int = _field(250, "Steps when sampling: fewer than --timesteps uses DDIM, "
                                      "equal uses ancestral DDPM.")
     objective: str = _field("pred_v", "What the network predicts.", choices=OBJECTIVES)
-    beta_schedule: str = _field("sigmoid", "Noise schedule.", choices=BETA_SCHEDULES)
+    beta_schedule: str = _field("sigmoid", "Noise schedule.", choices=tuple(BETA_SCHEDULES))
     loss_type: str = _field("l2", "Regression loss on the objective.", choices=LOSS_TYPES)
     min_snr_loss_weight: bool = _field(False, "Min-SNR-gamma loss weighting (Hang et al. 2023).")
     min_snr_gamma: float = _field(5.0, "Gamma of the min-SNR weighting.")
@@ -79,7 +77,7 @@ class DataConfig:
     channels: int = _field(3, "Image channels: 3 for RGB, 1 for grayscale.")
     random_flip: bool = _field(True, "Random horizontal flips, drawn from the seeded step generator.")
     num_workers: int = _field(-1, "DataLoader workers per process; -1 picks 0 on CPU and "
-                              "min(8, cores per process) on GPU.")
+                              "min(8, cores per process - 1) on GPU.")
 
 
 @dataclass
@@ -96,7 +94,8 @@ class TrainConfig:
     lr_decay_steps: tuple[int, ...] = _field((50_000, 150_000, 300_000),
                                              "Steps at which --lr_schedule step multiplies the LR by --lr_decay_factor.")
     lr_decay_factor: float = _field(0.1, "Factor of each step decay.")
-    ema_decay: float = _field(0.995, "EMA decay (beta).")
+    ema_decay: float = _field(0.995, "Largest EMA decay; ema-pytorch warms up to it as 1-(1+n)^(-2/3) over "
+                              "EMA updates n.")
     ema_update_every: int = _field(10, "Update the EMA every this many optimizer steps.")
     ema_update_after_step: int = _field(100, "Copy the weights into the EMA until this step, then average.")
     save_and_sample_every: int = _field(1000, "Save a checkpoint and an EMA sample grid every this many steps.")
@@ -190,18 +189,37 @@ def build_config(explicit: dict[str, Any], *, has_gpu: bool) -> Config:
         raise ConfigError(f"--preset {preset!r} is not one of {', '.join(PRESETS)}.")
     resolved = "full" if preset == "auto" and has_gpu else ("tiny" if preset == "auto" else preset)
     values = {**PRESET_VALUES[resolved], **explicit}
+    types = {f.name: typ for _, f, typ in field_specs()}
     per_section: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
     for name, value in values.items():
-        per_section[known[name]][name] = _coerce(name, value)
+        per_section[known[name]][name] = _coerce(name, value, types[name])
     cfg = Config(**{s: SECTIONS[s](**kw) for s, kw in per_section.items()})
     cfg.run.preset = resolved
     return cfg
 
 
-def _coerce(name: str, value: Any) -> Any:
-    if isinstance(value, list):
-        return tuple(value)
-    return value
+def _coerce(name: str, value: Any, typ: Any) -> Any:
+    """A value from YAML or a saved config as the field's type (YAML reads `1e-4` as a string)."""
+    args = [a for a in get_args(typ) if a is not type(None)]
+    if value is None and type(None) in get_args(typ):
+        return None
+    try:
+        if getattr(typ, "__origin__", None) is tuple:
+            if not isinstance(value, (list, tuple)):
+                value = [value]
+            return tuple(get_args(typ)[0](v) for v in value)
+        base = args[0] if args else typ
+        if base is bool:
+            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+                return value.lower() in ("true", "yes", "1")
+            if not isinstance(value, bool):
+                raise ValueError(value)
+            return value
+        if base is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        return base(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"--{name} {value!r} is not a valid {getattr(typ, '__name__', str(typ))}.") from None
 
 
 def validate(cfg: Config) -> None:
@@ -241,6 +259,9 @@ def validate(cfg: Config) -> None:
             f"--image_size {data.image_size} is not divisible by 2^(levels-1) = {factor} for "
             f"--dim_mults {' '.join(map(str, m.dim_mults))} ({len(m.dim_mults)} levels). "
             f"Use an image size such as {' or '.join(map(str, ok))}, or fewer levels.")
+    if d.beta_schedule == "linear" and d.timesteps <= 20:
+        raise ConfigError(f"--beta_schedule linear needs --timesteps above 20 (its last beta is 20/T), "
+                          f"got {d.timesteps}; use cosine or sigmoid for short schedules.")
     if d.sampling_timesteps > d.timesteps:
         raise ConfigError(f"--sampling_timesteps {d.sampling_timesteps} exceeds --timesteps {d.timesteps}.")
     if m.dim % 8:

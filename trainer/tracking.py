@@ -103,6 +103,7 @@ class AccelerateTracker(Tracker):
         super().finish()
         for tracker in self.accelerator.trackers:  # not end_training(): that also ends the process group
             tracker.finish()
+        self.accelerator.trackers = []  # finished: end_training() at the very end must not finish them again
 
 
 def make_tracker(accelerator, backend: str, run_dir: Path, project: str, config: dict, run_id: str) -> Tracker:

@@ -37,7 +37,7 @@ from models import GaussianDiffusion
 from trainer import checkpoint as ckpt_io
 from trainer.config import Config, default_num_workers
 from trainer.data.sampler import ResumableBatchSampler, mix_seed
-from trainer.errors import CheckpointError, ConfigError, EddyError
+from trainer.errors import ConfigError, EddyError
 from trainer.faults import Faults
 from trainer.tracking import Tracker, save_image_grid, write_progress_gif
 
@@ -127,7 +127,10 @@ class Trainer:
         self.ema.ema_model.to(self.device).eval()
         self.ema.ema_model.requires_grad_(False)
 
-        opt_kwargs: dict[str, Any] = {"fused": True} if self.device.type == "cuda" else {}
+        # Fused AdamW on CUDA, except with the fp16 scaler: a fused step always "runs" (it skips
+        # overflows inside the kernel), so the EMA could not tell an overflow step from a real one.
+        self.fused = self.device.type == "cuda" and accelerator.mixed_precision != "fp16"
+        opt_kwargs: dict[str, Any] = {"fused": True} if self.fused else {}
         optimizer = torch.optim.AdamW(self.net.parameters(), lr=t.lr, betas=tuple(t.adam_betas),
                                       weight_decay=t.weight_decay, **opt_kwargs)
         self.model, self.optimizer = accelerator.prepare(diffusion, optimizer)
@@ -137,7 +140,8 @@ class Trainer:
                                              accelerator.num_processes, t.seed)
         workers = cfg.data.num_workers
         if workers < 0:
-            workers = default_num_workers(self.device.type == "cuda", accelerator.num_processes)
+            workers = default_num_workers(self.device.type == "cuda",
+                                          int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)))
         self.loader = DataLoader(dataset, batch_sampler=self.sampler, num_workers=workers,
                                  pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
                                  prefetch_factor=4 if workers > 0 else None)
@@ -173,6 +177,8 @@ class Trainer:
             skip, stop = self._agree(loss, grad_norm)
             if skip:
                 self.optimizer.zero_grad(set_to_none=True)
+                if acc.scaler is not None:  # clip_grad_norm_ unscaled the gradients: close that step
+                    acc.scaler.update()
                 if self._on_nonfinite():  # rolled back to the last checkpoint: restart from there
                     batches = self._batches()
                     window = _LogWindow(self.device, self.state.images_seen)
@@ -182,7 +188,7 @@ class Trainer:
             else:
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
-                if not acc.optimizer_step_was_skipped:  # fp16 scaler overflow: no EMA either
+                if not acc.optimizer_step_was_skipped:  # fp16 overflow (unfused AdamW): no EMA update
                     self.ema.update()
                 self._consecutive_nonfinite = 0
             self.state.step += 1
@@ -272,7 +278,7 @@ class Trainer:
             raise EddyError(f"{self._consecutive_nonfinite} consecutive non-finite steps after {self.state.rollbacks} "
                             f"rollbacks (--max_rollbacks): the run keeps diverging. Lower --lr, check the data for "
                             f"NaN/inf, or resume from an earlier checkpoint in {self.run_dir / 'checkpoints'}.")
-        found = [None]
+        found, good = [None], None
         if self.accelerator.is_main_process:
             good = ckpt_io.load_latest_good(self.run_dir, warn=lambda m: self.accelerator.print(f"WARNING: {m}"))
             found = [good and str(good[0])]
@@ -281,7 +287,7 @@ class Trainer:
             raise EddyError(f"{self._consecutive_nonfinite} consecutive non-finite steps and no checkpoint to roll back "
                             f"to in {self.run_dir / 'checkpoints'}. Lower --lr or check the data for NaN/inf.")
         rollbacks, skipped, bad_step = self.state.rollbacks + 1, self.state.nonfinite_skipped, self.state.step
-        self.load(ckpt_io.read_checkpoint(Path(found[0])))
+        self.load(good[1] if good else ckpt_io.read_checkpoint(Path(found[0])))
         self.state.rollbacks, self.state.nonfinite_skipped = rollbacks, skipped
         self._consecutive_nonfinite = 0
         self.accelerator.print(f"rolled back from step {bad_step} to {Path(found[0]).name} after "
@@ -400,6 +406,10 @@ class Trainer:
         self.ema.step.fill_(ck.state.get("ema_step", 0))
         self.ema.initted.fill_(ck.state.get("ema_initted", True))
         self.optimizer.load_state_dict(ck.optimizer["optimizer"])
+        for group in self.optimizer.param_groups:  # the saved groups carry the old hyperparameters
+            group.update(betas=tuple(self.cfg.train.adam_betas), weight_decay=self.cfg.train.weight_decay)
+            if "fused" in group:
+                group["fused"] = self.fused or None
         if self.accelerator.scaler is not None and "scaler" in ck.optimizer:
             self.accelerator.scaler.load_state_dict(ck.optimizer["scaler"])
         s = ck.state
