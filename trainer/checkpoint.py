@@ -207,23 +207,42 @@ def newest_run(results_path: Path) -> Path | None:
     return max(runs, key=lambda p: list_checkpoints(p)[-1].stat().st_mtime) if runs else None
 
 
-def find_run_to_resume(resume: str, results_path: Path) -> tuple[Path, Path | None]:
-    """Resolve `--resume` to (run folder, explicit checkpoint folder or None for 'newest good')."""
+def find_run_to_resume(resume: str, results_path: Path, flag: str = "--resume") -> tuple[Path, Path | None]:
+    """Resolve `latest`, a run folder, its checkpoints/ folder or a checkpoint folder to
+    (run folder, the checkpoint folder named, or None for 'the newest intact one').
+
+    `flag` names the argument in messages (`--resume` for training, `CHECKPOINT` for sampling)."""
     if resume == "latest":
         newest = newest_run(results_path)
         if newest is None:
-            raise CheckpointError(f"--resume latest: no run with a checkpoint under --results_path {results_path}. "
-                                  f"Start without --resume, or point --results_path at the folder of your runs.")
+            raise CheckpointError(f"{flag} latest: no run with a checkpoint under --results_path {results_path}. "
+                                  f"Point --results_path at the folder of your runs, or name a run folder.")
         return newest, None
     path = Path(resume).resolve()
     if not path.exists():
-        raise CheckpointError(f"--resume {resume}: no such run or checkpoint folder.")
+        raise CheckpointError(f"{flag} {resume}: no such run or checkpoint folder.")
+    if not path.is_dir():
+        raise CheckpointError(f"{flag} {resume} is a file: name a run folder or a checkpoint folder "
+                              f"(.../checkpoints/step-XXXXXXXX), not one of its files.")
     if (path / MARKER).is_file() or _STEP_DIR.match(path.name):
         return path.parent.parent, path
+    if path.name == "checkpoints" and list_checkpoints(path.parent):
+        path = path.parent
     if not list_checkpoints(path):
-        raise CheckpointError(f"--resume {resume}: this folder holds no committed checkpoint "
+        raise CheckpointError(f"{flag} {resume}: this folder holds no committed checkpoint "
                               f"(expected {path}/checkpoints/step-*/{MARKER}).")
     return path, None
+
+
+def newest_intact(run_dir: Path, warn: Callable[[str], None]) -> Path | None:
+    """The newest committed checkpoint whose files match their manifest; damaged ones are reported."""
+    for folder in reversed(list_checkpoints(run_dir)):
+        try:
+            verify(folder)
+            return folder
+        except (CheckpointError, OSError) as e:
+            warn(f"checkpoint {folder} is damaged and is skipped: {e}")
+    return None
 
 
 def load_weights_checked(module: torch.nn.Module, sd: dict[str, torch.Tensor], name: str, hint: str) -> None:

@@ -95,47 +95,21 @@ def main(argv: list[str] | None = None) -> int:
 
 def resolve_checkpoint(checkpoint: str, results_path: str | Path = "results",
                        warn: Callable[[str], None] | None = None) -> tuple[Path, Path]:
-    """CHECKPOINT -> (run folder, verified checkpoint folder)."""
+    """CHECKPOINT -> (run folder, verified checkpoint folder). A run folder gives its newest intact
+    checkpoint; a checkpoint folder named explicitly must be intact itself."""
     warn = warn or (lambda m: print(f"WARNING: {m}", file=sys.stderr))
-    if checkpoint == "latest":
-        results = Path(results_path)
-        run_dir = ckpt_io.newest_run(results)
-        if run_dir is None:
-            raise CheckpointError(f"CHECKPOINT latest: no run with a checkpoint under --results_path {results}. "
-                                  f"Pass a run folder or checkpoint folder, or point --results_path at your runs.")
-        return run_dir, _newest_intact(run_dir, "CHECKPOINT latest", warn)
-
-    path = Path(checkpoint)
-    if not path.exists():
-        raise CheckpointError(f"CHECKPOINT {checkpoint}: no such file or folder. Pass a run folder, a checkpoint "
-                              f"folder (.../checkpoints/step-XXXXXXXX), or `latest`.")
-    if not path.is_dir():
-        raise CheckpointError(f"CHECKPOINT {checkpoint} is a file; pass a run folder or a checkpoint folder "
-                              f"(.../checkpoints/step-XXXXXXXX), not one of its files.")
-    if (path / ckpt_io.MARKER).is_file() or ckpt_io._STEP_DIR.match(path.name):
+    run_dir, ckpt_dir = ckpt_io.find_run_to_resume(checkpoint, Path(results_path), flag="CHECKPOINT")
+    if ckpt_dir is not None:
         try:
-            ckpt_io.verify(path)
+            ckpt_io.verify(ckpt_dir)
         except CheckpointError as e:
             raise CheckpointError(f"CHECKPOINT {checkpoint} is not intact: {e} "
                                   f"Pass the run folder to use its newest intact checkpoint.") from None
-        return path.parent.parent, path
-    if path.name == "checkpoints" and not ckpt_io.list_checkpoints(path) and ckpt_io.list_checkpoints(path.parent):
-        path = path.parent  # the checkpoints/ folder of a run: take the run
-    if not ckpt_io.list_checkpoints(path):
-        raise CheckpointError(f"CHECKPOINT {checkpoint}: this folder holds no committed checkpoint "
-                              f"(expected {path}/checkpoints/step-*/{ckpt_io.MARKER}).")
-    return path, _newest_intact(path, f"CHECKPOINT {checkpoint}", warn)
-
-
-def _newest_intact(run_dir: Path, what: str, warn: Callable[[str], None]) -> Path:
-    """The newest committed checkpoint of a run whose files match their hashes; damaged ones are reported."""
-    for folder in reversed(ckpt_io.list_checkpoints(run_dir)):
-        try:
-            ckpt_io.verify(folder)
-            return folder
-        except (CheckpointError, OSError) as e:
-            warn(f"checkpoint {folder} is damaged and is skipped: {e}")
-    raise CheckpointError(f"{what}: no intact checkpoint in {run_dir / 'checkpoints'}.")
+        return run_dir, ckpt_dir
+    found = ckpt_io.newest_intact(run_dir, warn)
+    if found is None:
+        raise CheckpointError(f"CHECKPOINT {checkpoint}: no intact checkpoint in {run_dir / 'checkpoints'}.")
+    return run_dir, found
 
 
 def checkpoint_config(ckpt_dir: Path, run_dir: Path, *, has_gpu: bool) -> tuple[Config, dict[str, Any]]:
