@@ -26,6 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+import psutil  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
@@ -62,14 +63,18 @@ class Report:
         return "\n".join(["| what | figure |", "|---|---|"] + [f"| {k:<{width}} | {v} |" for k, v in rows])
 
 
-def train_command(results: Path, steps: int, save_every: int, *extra: str) -> list[str]:
-    return [sys.executable, str(REPO / "trainer" / "train.py"), *RUN, "--results_path", str(results),
+def train_command(results: Path, steps: int, save_every: int, *extra: str, processes: int = 1) -> list[str]:
+    """The training command: one process, or `processes` CPU processes through accelerate launch."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", "0"] if processes > 1 else [sys.executable]
+    return [*launch, str(REPO / "trainer" / "train.py"), *RUN, "--results_path", str(results),
             "--run_name", "run", "--train_num_steps", str(steps), "--save_and_sample_every", str(save_every), *extra]
 
 
 def _env(**extra: str) -> dict[str, str]:
     return {**os.environ, "PYTHONUNBUFFERED": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
-            "WANDB_MODE": "offline", **extra}
+            "WANDB_MODE": "offline", "ACCELERATE_USE_CPU": "true", **extra}
 
 
 def final_state(run_dir: Path) -> dict:
@@ -105,17 +110,19 @@ def _committed_step(run_dir: Path) -> int:
     return int(ckpts[-1].name.split("-")[1]) if ckpts else 0
 
 
-def run_reference(results: Path, steps: int, save_every: int) -> Path:
+def run_reference(results: Path, steps: int, save_every: int, processes: int = 1) -> Path:
     """The uninterrupted run. Returns its folder."""
-    proc = subprocess.run(train_command(results, steps, save_every), env=_env(), cwd=REPO,
+    proc = subprocess.run(train_command(results, steps, save_every, processes=processes), env=_env(), cwd=REPO,
                           capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"reference run failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
     return results / "run"
 
 
-def chaos(results: Path, reference: Path, *, kills: int, steps: int, save_every: int, seed: int = 0) -> Report:
-    """Kill the run `kills` times, restarting it with --resume auto after each.
+def chaos(results: Path, reference: Path, *, kills: int, steps: int, save_every: int, seed: int = 0,
+          processes: int = 1) -> Report:
+    """Kill the run `kills` times, restarting it with --resume auto after each. With several
+    processes one worker, drawn at random, is killed; the launcher then ends the others.
 
     Each kill strikes either during start-up (one in ten) or after the restarted process has trained
     a number of steps drawn uniformly from what is left, plus a random few milliseconds, so kills land
@@ -124,7 +131,7 @@ def chaos(results: Path, reference: Path, *, kills: int, steps: int, save_every:
     report = Report()
     start = time.perf_counter()
     run_dir = results / "run"
-    cmd = train_command(results, steps, save_every, "--resume", "auto")
+    cmd = train_command(results, steps, save_every, "--resume", "auto", processes=processes)
     while True:
         lines_before, committed_before = _logged_lines(run_dir), _committed_step(run_dir)
         proc = subprocess.Popen(cmd, env=_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -138,8 +145,15 @@ def chaos(results: Path, reference: Path, *, kills: int, steps: int, save_every:
                 while proc.poll() is None and _logged_lines(run_dir) - lines_before < k:
                     time.sleep(0.002)
                 time.sleep(rng.uniform(0.0, 0.05))
+            workers = psutil.Process(proc.pid).children(recursive=True) if processes > 1 else []
             if proc.poll() is None:
-                proc.kill()
+                if workers:
+                    try:
+                        rng.choice(workers).kill()
+                    except psutil.NoSuchProcess:
+                        pass
+                else:
+                    proc.kill()
                 proc.wait()
                 report.kills += 1
                 # Steps this life trained (one metrics line each) minus the steps it got committed.
@@ -168,6 +182,8 @@ def main() -> int:
     parser.add_argument("--save_every", type=int, default=10, help="steps between checkpoints (default 10)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the kill times")
     parser.add_argument("--workdir", default=None, help="where runs go (default: a temporary folder)")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="CPU processes per run, through accelerate launch (default 1)")
     args = parser.parse_args()
 
     import tempfile
@@ -175,10 +191,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.workdir or tmp)
         print(f"reference run: {args.steps} steps ...", flush=True)
-        reference = run_reference(work / "reference", args.steps, args.save_every)
+        reference = run_reference(work / "reference", args.steps, args.save_every, args.processes)
         print(f"chaos run: {args.kills} kills at random moments ...", flush=True)
         report = chaos(work / "chaos", reference, kills=args.kills, steps=args.steps, save_every=args.save_every,
-                       seed=args.seed)
+                       seed=args.seed, processes=args.processes)
     print(report.table())
     for d in report.differences[:10]:
         print("differs:", d)

@@ -36,6 +36,17 @@ def test_survives_ten_random_kill_9s_bit_for_bit(tmp_path):
     assert report.identical, report.differences[:5]
 
 
+def test_two_processes_survive_kill_9_of_a_worker_bit_for_bit(tmp_path):
+    """A worker killed with SIGKILL takes its launch down; `--resume auto` continues exactly."""
+    steps, save_every = 40, 5
+    reference = fault_injection.run_reference(tmp_path / "reference", steps, save_every, processes=2)
+    report = fault_injection.chaos(tmp_path / "chaos", reference, kills=3, steps=steps, save_every=save_every,
+                                   seed=2, processes=2)
+    print(report.table())
+    assert report.kills == 3 and report.checkpoints_damaged == 0
+    assert report.identical, report.differences[:5]
+
+
 def test_crash_between_write_and_commit_leaves_nothing_resume_would_take(tmp_path):
     cmd = fault_injection.train_command(tmp_path, 9, 3, "--resume", "auto")[1:]  # drop the interpreter
     crashed = python(*cmd, env={"EDDY_INJECT_FAULTS": "crash_before_commit@6"})
