@@ -80,6 +80,7 @@ def test_a_corrupted_newest_checkpoint_falls_back_to_the_one_before(tmp_path, ca
     assert_same(final_weights(straight), final_weights(run_dir))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_a_malicious_pickle_in_a_checkpoint_is_refused(tmp_path, capsys):
     run_dir = train(tmp_path, "--train_num_steps", "6", "--save_and_sample_every", "3")
     newest = list_checkpoints(run_dir)[-1]
