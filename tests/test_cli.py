@@ -6,8 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import REPO, TINY, accelerate_launch, python, train
+from trainer.errors import DataError, user_message
 from trainer.train import main
 
 
@@ -184,3 +186,21 @@ def test_readme_flag_reference_is_current():
 def test_readme_test_command_is_what_ci_runs():
     assert "./launch.sh test" in (REPO / "README.md").read_text()
     assert "./launch.sh test" in (REPO / ".ci" / "run").read_text()
+
+
+class _Unreadable(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        raise DataError(f"--train_data_dir /data: image {i} could not be read")
+
+
+def test_an_error_in_a_dataloader_worker_is_shown_as_its_own_message():
+    """torch re-raises worker errors with the worker's traceback in the text: show the message only."""
+    loader = torch.utils.data.DataLoader(_Unreadable(), batch_size=2, num_workers=1)
+    with pytest.raises(DataError) as caught:
+        next(iter(loader))
+    assert "Traceback" in str(caught.value)  # what torch hands us
+    assert user_message(caught.value) == "--train_data_dir /data: image 0 could not be read"
+    assert user_message(DataError("plain")) == "plain"

@@ -20,3 +20,13 @@ class DataError(EddyError):
 
 class CheckpointError(EddyError):
     """No usable checkpoint, or one that does not fit the current config."""
+
+
+def user_message(error: EddyError) -> str:
+    """The message to print. An error raised in a DataLoader worker arrives re-raised with the
+    worker's traceback in its text; the user needs only the last line, the original message."""
+    text = str(error).strip()
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        return last.split(": ", 1)[1] if last.startswith("trainer.errors.") else last
+    return text

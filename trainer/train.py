@@ -28,7 +28,7 @@ from trainer import checkpoint as ckpt_io  # noqa: E402
 from trainer.config import (  # noqa: E402
     RESUME_FREE, RESUME_LOCKED, SECTIONS, Config, build_config, config_diff, default_text, field_specs, load_yaml,
     show_value, validate)
-from trainer.errors import CheckpointError, ConfigError, EddyError  # noqa: E402
+from trainer.errors import CheckpointError, ConfigError, EddyError, user_message  # noqa: E402
 
 EXAMPLES = """\
 examples:
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(args)
     except EddyError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {user_message(e)}", file=sys.stderr)
         return 2
     return 0
 
