@@ -70,17 +70,19 @@ def _start_long_run(results: Path) -> subprocess.Popen:
     return proc
 
 
-@pytest.mark.parametrize("target", ["workers", "launcher"])
-def test_sigterm_makes_both_ranks_save_and_exit(tmp_path, target):
-    """A scheduler's SIGTERM (to the workers, or to `accelerate launch`, which forwards it) saves at once."""
+@pytest.mark.parametrize("target,sig", [("workers", signal.SIGTERM), ("workers", signal.SIGUSR1),
+                                        ("launcher", signal.SIGTERM)])
+def test_a_preemption_signal_makes_both_ranks_save_and_exit(tmp_path, target, sig):
+    """A scheduler's SIGTERM or SIGUSR1 (to the workers, or SIGTERM to `accelerate launch`, which
+    forwards it) makes both ranks save at once."""
     proc = _start_long_run(tmp_path)
     workers = psutil.Process(proc.pid).children(recursive=True)
     signalled = time.time()
     if target == "workers":
         for w in workers:
-            w.send_signal(signal.SIGTERM)
+            w.send_signal(sig)
     else:
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
     out, _ = proc.communicate(timeout=60)
     assert time.time() - signalled < 30, "must finish within the launcher's grace period"
     assert out.count("stop requested (signal): saved at step") == 1, out[-3000:]
