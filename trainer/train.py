@@ -115,11 +115,24 @@ def resolve_config(args: dict[str, Any]) -> tuple[Config, Path | None, Path | No
 
 def run(args: dict[str, Any]) -> Path:
     """Everything `train.py` does after parsing. Returns the run folder."""
-    from accelerate.utils import broadcast_object_list
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list, parse_flag_from_env
 
     from trainer.build import build_dataset, build_diffusion, build_network, count_parameters
     from trainer.trainer import Trainer, make_accelerator
     from trainer.tracking import make_tracker, resolve_wandb_mode
+
+    # `--resume latest` names a run by the age of its files: the main process chooses, so that every
+    # rank reads the same run's config even while checkpoints are being written.
+    world = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # the Accelerator below reuses it
+    if args.get("resume") == "latest" and world.num_processes > 1:
+        chosen = [None]
+        if world.is_main_process:
+            newest = ckpt_io.newest_run(Path(args.get("results_path", "results")))
+            chosen = [newest and str(newest)]
+        broadcast_object_list(chosen)
+        if chosen[0]:
+            args = {**args, "resume": chosen[0]}
 
     cfg, run_dir, ckpt_dir = resolve_config(args)
     wandb_note = resolve_wandb_mode()[1] if cfg.run.report_to == "wandb" else None
