@@ -92,7 +92,8 @@ def ddpm_sample(diffusion, x_T, *, model, cond, generator, progress):
     x_{t-1} = mu~_t(x0_hat, x_t) + sigma_t z, with mu~_t and sigma_t^2 = beta~_t from eq. 6-7, z = 0 at t = 0."""
     x, x0 = x_T, None
     batch = x.shape[0]
-    for time in tqdm(reversed(range(diffusion.num_timesteps)), total=diffusion.num_timesteps, disable=not progress, desc="sampling", leave=False):
+    steps = reversed(range(diffusion.num_timesteps))
+    for time in tqdm(steps, total=diffusion.num_timesteps, disable=not progress, desc="sampling", leave=False):
         t = torch.full((batch,), time, device=x.device, dtype=torch.long)
         self_cond = x0 if diffusion.self_condition else None
         _, x0 = diffusion.model_predictions(

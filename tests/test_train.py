@@ -12,14 +12,14 @@ from safetensors.torch import load_file
 from conftest import train
 from trainer.build import build_diffusion, build_network
 from trainer.checkpoint import list_checkpoints
-from trainer.config import build_config
+from trainer.config import build_config, flatten
 from trainer.data import TwoModesDataset
 from trainer.trainer import lr_at
 
 
 def load_run_config(run_dir: Path):
     saved = json.loads((run_dir / "config.json").read_text())
-    return build_config({k: v for s in saved.values() for k, v in s.items()}, has_gpu=False)
+    return build_config(flatten(saved), has_gpu=False)
 
 
 def final_weights(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:

@@ -191,14 +191,20 @@ def prune(run_dir: Path, keep: int) -> list[Path]:
     return doomed
 
 
-def load_latest_good(run_dir: Path, warn: Callable[[str], None]) -> tuple[Path, Checkpoint] | None:
-    """The newest checkpoint of `run_dir` that verifies and loads; damaged ones are reported and skipped."""
+def _newest_passing(run_dir: Path, check: Callable[[Path], Any], warn: Callable[[str], None]):
+    """(folder, check(folder)) for the newest committed checkpoint that passes `check`; the damaged
+    ones before it are reported and skipped."""
     for folder in reversed(list_checkpoints(run_dir)):
         try:
-            return folder, read_checkpoint(folder)
+            return folder, check(folder)
         except (CheckpointError, OSError, RuntimeError, ValueError) as e:
             warn(f"checkpoint {folder} is damaged and is skipped: {e}")
     return None
+
+
+def load_latest_good(run_dir: Path, warn: Callable[[str], None]) -> tuple[Path, Checkpoint] | None:
+    """The newest checkpoint of `run_dir` that verifies and loads."""
+    return _newest_passing(run_dir, read_checkpoint, warn)
 
 
 def newest_run(results_path: Path) -> Path | None:
@@ -235,14 +241,9 @@ def find_run_to_resume(resume: str, results_path: Path, flag: str = "--resume") 
 
 
 def newest_intact(run_dir: Path, warn: Callable[[str], None]) -> Path | None:
-    """The newest committed checkpoint whose files match their manifest; damaged ones are reported."""
-    for folder in reversed(list_checkpoints(run_dir)):
-        try:
-            verify(folder)
-            return folder
-        except (CheckpointError, OSError) as e:
-            warn(f"checkpoint {folder} is damaged and is skipped: {e}")
-    return None
+    """The newest committed checkpoint whose files match their manifest, without loading it."""
+    found = _newest_passing(run_dir, verify, warn)
+    return found and found[0]
 
 
 def load_weights_checked(module: torch.nn.Module, sd: dict[str, torch.Tensor], name: str, hint: str) -> None:

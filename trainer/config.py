@@ -123,6 +123,11 @@ class RunConfig:
                          choices=PRESETS)
 
 
+def flatten(nested: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """A config as saved (`{section: {flag: value}}`) -> `{flag: value}`; flag names are unique."""
+    return {k: v for section in nested.values() for k, v in section.items()}
+
+
 SECTIONS = {"model": ModelConfig, "diffusion": DiffusionConfig, "data": DataConfig,
             "train": TrainConfig, "run": RunConfig}
 
@@ -139,7 +144,7 @@ class Config:
         return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
 
     def flat(self) -> dict[str, Any]:
-        return {k: v for section in self.to_dict().values() for k, v in section.items()}
+        return flatten(self.to_dict())
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
@@ -179,8 +184,8 @@ def field_specs() -> list[tuple[str, dataclasses.Field, type]]:
 
 def build_config(explicit: dict[str, Any], *, has_gpu: bool) -> Config:
     """Resolve a Config from the values the user gave (flags and YAML, already merged)."""
-    known = {f.name: section for section, f, _ in field_specs()}
-    unknown = sorted(set(explicit) - set(known))
+    specs = {f.name: (section, typ) for section, f, typ in field_specs()}
+    unknown = sorted(set(explicit) - set(specs))
     if unknown:
         raise ConfigError(f"unknown config key(s): {', '.join(unknown)}. "
                           f"Run `python trainer/train.py --help` for the list.")
@@ -189,10 +194,10 @@ def build_config(explicit: dict[str, Any], *, has_gpu: bool) -> Config:
         raise ConfigError(f"--preset {preset!r} is not one of {', '.join(PRESETS)}.")
     resolved = "full" if preset == "auto" and has_gpu else ("tiny" if preset == "auto" else preset)
     values = {**PRESET_VALUES[resolved], **explicit}
-    types = {f.name: typ for _, f, typ in field_specs()}
     per_section: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
     for name, value in values.items():
-        per_section[known[name]][name] = _coerce(name, value, types[name])
+        section, typ = specs[name]
+        per_section[section][name] = _coerce(name, value, typ)
     cfg = Config(**{s: SECTIONS[s](**kw) for s, kw in per_section.items()})
     cfg.run.preset = resolved
     return cfg

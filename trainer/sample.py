@@ -36,7 +36,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from trainer import checkpoint as ckpt_io  # noqa: E402
-from trainer.config import Config, build_config, field_specs  # noqa: E402
+from trainer.config import Config, build_config, field_specs, flatten  # noqa: E402
 from trainer.errors import CheckpointError, ConfigError, EddyError  # noqa: E402
 
 WEIGHTS = {"ema": "ema.safetensors", "model": "model.safetensors"}
@@ -130,7 +130,7 @@ def checkpoint_config(ckpt_dir: Path, run_dir: Path, *, has_gpu: bool) -> tuple[
                                   f"the network cannot be rebuilt.")
         nested = json.loads(saved.read_text())
     known = {f.name for _, f, _ in field_specs()}
-    flat = {k: v for section in nested.values() for k, v in section.items() if k in known}
+    flat = {k: v for k, v in flatten(nested).items() if k in known}
     return build_config(flat, has_gpu=has_gpu), state
 
 

@@ -26,8 +26,8 @@ import torch  # noqa: E402
 
 from trainer import checkpoint as ckpt_io  # noqa: E402
 from trainer.config import (  # noqa: E402
-    RESUME_FREE, RESUME_LOCKED, SECTIONS, Config, build_config, config_diff, default_text, field_specs, load_yaml,
-    show_value, validate)
+    RESUME_FREE, RESUME_LOCKED, SECTIONS, Config, build_config, config_diff, default_text, field_specs, flatten,
+    load_yaml, show_value, validate)
 from trainer.errors import CheckpointError, ConfigError, EddyError, user_message  # noqa: E402
 
 EXAMPLES = """\
@@ -98,7 +98,7 @@ def resolve_config(args: dict[str, Any]) -> tuple[Config, Path | None, Path | No
             str(results_path / explicit["run_name"]) if resume == "auto" else resume, results_path)
         saved = run_dir / "config.json"
         if saved.is_file():
-            base = {k: v for section in json.loads(saved.read_text()).values() for k, v in section.items()}
+            base = flatten(json.loads(saved.read_text()))
             base.pop("resume", None)
     cfg = build_config({**base, **explicit}, has_gpu=torch.cuda.is_available())
     validate(cfg)
@@ -157,7 +157,7 @@ def run(args: dict[str, Any]) -> Path:
     if ckpt_dir is not None and resume_from is None:
         resume_from = ckpt_io.read_checkpoint(ckpt_dir)
     if resume_from is not None:
-        old = {k: v for section in resume_from.state["config"].values() for k, v in section.items()}
+        old = flatten(resume_from.state["config"])
         changed = {k: v for k, v in config_diff(old, cfg.flat()).items() if k not in RESUME_FREE}
         changes = ", ".join(f"{k} {show_value(a)} -> {show_value(b)}" for k, (a, b) in changed.items())
         say(f"resuming {run_dir} from {ckpt_dir.name} (step {resume_from.state['step']})"
