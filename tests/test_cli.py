@@ -168,10 +168,10 @@ def test_multi_gpu_without_gpus_is_refused_not_run_twice(tmp_path):
     assert not list(tmp_path.rglob("*.safetensors"))
 
 
-def test_fsdp_and_deepspeed_launches_are_refused_with_the_alternative(capsys, monkeypatch):
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+def test_a_deepspeed_launch_is_refused_with_the_fsdp_alternative(capsys, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     code, err = run_main(capsys, *TINY, "--train_num_steps", "1")
-    assert code == 2 and "FSDP" in err and "multi_gpu.yaml" in err
+    assert code == 2 and "DeepSpeed" in err and "fsdp_reshard_after_forward: false" in err
 
 
 def test_readme_flag_reference_is_current():

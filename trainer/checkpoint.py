@@ -246,8 +246,10 @@ def newest_intact(run_dir: Path, warn: Callable[[str], None]) -> Path | None:
     return found and found[0]
 
 
-def load_weights_checked(module: torch.nn.Module, sd: dict[str, torch.Tensor], name: str, hint: str) -> None:
-    """Strict `load_state_dict` whose error names the keys that are missing, unexpected or mis-shaped."""
+def load_weights_checked(module: torch.nn.Module, sd: dict[str, torch.Tensor], name: str, hint: str,
+                         load: Callable[[dict[str, torch.Tensor]], Any] | None = None) -> None:
+    """Strict `load_state_dict` whose error names the keys that are missing, unexpected or mis-shaped.
+    `load` replaces `module.load_state_dict` once the keys are checked (a sharded module loads otherwise)."""
     own = module.state_dict()
     missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
     shapes = sorted(k for k in set(own) & set(sd) if own[k].shape != sd[k].shape)
@@ -258,4 +260,7 @@ def load_weights_checked(module: torch.nn.Module, sd: dict[str, torch.Tensor], n
             parts.append("shape of " + ", ".join(f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}"
                                                  for k in shapes[:5]))
         raise CheckpointError(f"{name} does not fit this model: {'; '.join(parts)}. {hint}")
-    module.load_state_dict(sd, strict=True)
+    if load is not None:
+        load(sd)
+    else:
+        module.load_state_dict(sd, strict=True)

@@ -119,6 +119,7 @@ def run(args: dict[str, Any]) -> Path:
     from accelerate.utils import broadcast_object_list, parse_flag_from_env
 
     from trainer.build import build_dataset, build_diffusion, build_network, count_parameters
+    from trainer.sharding import plan_from_env as fsdp_plan_from_env
     from trainer.trainer import Trainer, make_accelerator
     from trainer.tracking import make_tracker, resolve_wandb_mode
 
@@ -136,7 +137,8 @@ def run(args: dict[str, Any]) -> Path:
 
     cfg, run_dir, ckpt_dir = resolve_config(args)
     wandb_note = resolve_wandb_mode()[1] if cfg.run.report_to == "wandb" else None
-    accelerator = make_accelerator(cfg)
+    fsdp = fsdp_plan_from_env()  # taken before the Accelerator, which would otherwise wrap the network itself
+    accelerator = make_accelerator(cfg, fsdp)
     main_proc = accelerator.is_main_process
     say = accelerator.print
 
@@ -180,7 +182,9 @@ def run(args: dict[str, Any]) -> Path:
 
     t = cfg.train
     world = accelerator.num_processes
-    say(f"device: {accelerator.device} x {world} process(es), mixed precision {accelerator.mixed_precision}\n"
+    sharded = fsdp is not None and torch.distributed.is_initialized()
+    say(f"device: {accelerator.device} x {world} process(es), mixed precision {accelerator.mixed_precision}, "
+        f"{fsdp.describe() if sharded else 'weights replicated (DDP)' if world > 1 else 'one process'}\n"
         f"batch: {t.batch_size} per device x {world} x {t.grad_accum} accumulation = "
         f"{t.batch_size * world * t.grad_accum} per optimizer step\n"
         f"model: Unet dim {cfg.model.dim} mults {list(cfg.model.dim_mults)}, "
@@ -191,7 +195,7 @@ def run(args: dict[str, Any]) -> Path:
         say(f"W&B: {wandb_note}")
 
     trainer = Trainer(cfg, accelerator, diffusion, dataset, run_dir, tracker=tracker, resume_from=resume_from,
-                      run_id=run_id[0])
+                      run_id=run_id[0], fsdp=fsdp)
     start = time.perf_counter()
     try:
         state = trainer.train()

@@ -13,6 +13,7 @@ every `--log_every` steps.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -35,27 +36,36 @@ from tqdm.auto import tqdm
 
 from models import GaussianDiffusion
 from trainer import checkpoint as ckpt_io
+from trainer import sharding
 from trainer.config import Config, default_num_workers
 from trainer.data.sampler import ResumableBatchSampler, mix_seed
 from trainer.errors import ConfigError, EddyError
 from trainer.faults import Faults
+from trainer.sharding import FsdpPlan
 from trainer.tracking import Tracker, save_image_grid, write_progress_gif
 
 # Streams of the per-step seed, so that training, sampling and augmentation never share draws.
 _TRAIN, _SAMPLE = 1, 2
 
 
-def make_accelerator(cfg: Config) -> Accelerator:
-    """The Accelerator for `cfg`, after checking that the launch really formed the world it claims."""
-    for backend in ("FSDP", "DEEPSPEED"):
-        if os.environ.get(f"ACCELERATE_USE_{backend}", "").lower() in ("1", "true", "yes"):
-            raise ConfigError(
-                f"the launch asks for {backend}, which Eddy does not support yet: its checkpoints and exact "
-                f"resume need the whole model state on every rank. Use accelerate_configs/multi_gpu.yaml or "
-                f"multi_node.yaml (DDP).")
+def make_accelerator(cfg: Config, fsdp: FsdpPlan | None = None) -> Accelerator:
+    """The Accelerator for `cfg`, after checking that the launch really formed the world it claims.
+
+    `fsdp` is the launch's FSDP plan (`sharding.plan_from_env`, read before this is called): the
+    Trainer shards the network itself, so the Accelerator is made as for DDP.
+    """
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true", "yes"):
+        raise ConfigError(
+            "the launch asks for DeepSpeed, which Eddy does not support: its checkpoints and exact resume "
+            "need the optimizer state in one layout. For ZeRO-2 (sharded optimizer state and gradients) use "
+            "accelerate_configs/fsdp.yaml with fsdp_reshard_after_forward: false; for ZeRO-3, "
+            "fsdp_reshard_after_forward: true.")
     mp = cfg.train.mixed_precision
     if mp == "auto":
         mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    if fsdp is not None and mp == "fp16":
+        raise ConfigError("--mixed_precision fp16 with FSDP: the fp16 gradient scaler would decide to skip a step "
+                          "from this rank's shard alone, and the ranks would drift apart. Use bf16 (or no).")
     # Our only buffers are the diffusion schedule, equal on every rank: DDP need not sync them.
     warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated")
     accelerator = Accelerator(
@@ -106,22 +116,32 @@ class TrainState:
 
 class Trainer:
     accelerator: Accelerator
-    diffusion: GaussianDiffusion   # unwrapped; `self.model` is the prepared (DDP) one
-    ema: EMA                       # of the network, kept on every rank
+    diffusion: GaussianDiffusion   # unwrapped; `self.model` is the prepared (DDP) one, or this one under FSDP
+    ema: EMA                       # of the network, on every rank (each rank's shard under FSDP)
+    sharded: bool                  # the network and its EMA are sharded with FSDP2 (trainer/sharding.py)
     optimizer: torch.optim.Optimizer
     sampler: ResumableBatchSampler
     state: TrainState
 
     def __init__(self, cfg: Config, accelerator: Accelerator, diffusion: GaussianDiffusion, dataset: Dataset,
                  run_dir: Path, tracker: Tracker | None = None, resume_from: ckpt_io.Checkpoint | None = None,
-                 run_id: str = ""):
+                 run_id: str = "", fsdp: FsdpPlan | None = None):
         self.cfg, self.accelerator, self.run_dir = cfg, accelerator, run_dir
         self.tracker = tracker if accelerator.is_main_process else None
         self.device = accelerator.device
         t = cfg.train
 
         self.net = diffusion.model
-        self.ema = EMA(self.net, beta=t.ema_decay, update_every=t.ema_update_every,
+        # FSDP needs a process group; one process launched without one has nothing to shard.
+        self.sharded = fsdp is not None and torch.distributed.is_initialized()
+        ema_net = None
+        if self.sharded:
+            # The EMA copy is sharded like the network, so each rank averages its own shard.
+            diffusion.to(self.device)
+            ema_net = copy.deepcopy(self.net).requires_grad_(False)
+            for module in (self.net, ema_net):
+                sharding.shard(module, fsdp, self.device)
+        self.ema = EMA(self.net, ema_model=ema_net, beta=t.ema_decay, update_every=t.ema_update_every,
                        update_after_step=t.ema_update_after_step, include_online_model=False, use_foreach=True)
         # The EMA's counters stay on the CPU (ema-pytorch reads them with .item()); its weights go to the device.
         self.ema.ema_model.to(self.device).eval()
@@ -133,7 +153,10 @@ class Trainer:
         opt_kwargs: dict[str, Any] = {"fused": True} if self.fused else {}
         optimizer = torch.optim.AdamW(self.net.parameters(), lr=t.lr, betas=tuple(t.adam_betas),
                                       weight_decay=t.weight_decay, **opt_kwargs)
-        self.model, self.optimizer = accelerator.prepare(diffusion, optimizer)
+        if self.sharded:  # sharded above: Accelerate must not wrap it in DDP
+            self.model, self.optimizer = diffusion, accelerator.prepare(optimizer)
+        else:
+            self.model, self.optimizer = accelerator.prepare(diffusion, optimizer)
         self.diffusion = accelerator.unwrap_model(self.model)
 
         self.sampler = ResumableBatchSampler(len(dataset), t.batch_size, accelerator.process_index,
@@ -224,18 +247,21 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         for micro in range(t.grad_accum):
             x = next(batches)
+            if self.sharded:  # reduce-scatter the gradients on the last micro-batch only
+                self.net.set_requires_gradient_sync(micro == t.grad_accum - 1)
             with acc.accumulate(self.model):
                 seed = mix_seed(t.seed, _TRAIN, self.state.step, micro, acc.process_index, self.state.rollbacks)
                 torch.manual_seed(seed)  # dropout draws from the global RNG
                 g = torch.Generator(device=self.device).manual_seed(seed)
                 x = self._augment(x, g)
-                loss = self.model(x, generator=g)
+                with acc.autocast():  # a prepared model autocasts by itself; the sharded one is not prepared
+                    loss = self.model(x, generator=g)
                 if self.faults("nan_loss", self.state.step):
                     loss = loss * float("nan")
                 acc.backward(loss)
                 total += loss.detach()
         max_norm = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
-        grad_norm = acc.clip_grad_norm_(self.net.parameters(), max_norm)
+        grad_norm = sharding.full_tensor(acc.clip_grad_norm_(self.net.parameters(), max_norm))
         return total / t.grad_accum, grad_norm.detach().float()
 
     def _batches(self) -> Iterator[torch.Tensor]:
@@ -336,7 +362,10 @@ class Trainer:
             save_image_grid(images, path, scale=max(1, 128 // images.shape[-1]))
 
     def check_replicas(self) -> bool:
-        """Whether every rank holds the same weights and EMA; writes `replicas.json` on the main process."""
+        """Whether every rank holds the same weights and EMA; writes `replicas.json` on the main process.
+        Sharded, each rank holds its own part by design and there is nothing to compare."""
+        if self.sharded:
+            return True
         h = hashlib.sha256()
         for sd in (self.net.state_dict(), self.ema.ema_model.state_dict()):
             for name, tensor in sd.items():
@@ -363,18 +392,28 @@ class Trainer:
                     self.tracker.log_images("samples", path, self.state.step)
         self.save()
 
-    def checkpoint(self) -> ckpt_io.Checkpoint:
+    def checkpoint(self) -> ckpt_io.Checkpoint | None:
+        """The full state to save. Sharded, a collective that every rank calls and the main process gets;
+        otherwise the main process alone calls it."""
         state = dict(vars(self.state))
         state.update(
             data_epoch=self.sampler.epoch, data_offset=self.sampler.offset,
             ema_step=int(self.ema.step.item()), ema_initted=bool(self.ema.initted.item()),
             world_size=self.accelerator.num_processes, batch_size=self.cfg.train.batch_size,
-            grad_accum=self.cfg.train.grad_accum, config=self.cfg.to_dict(), torch_version=torch.__version__)
-        optimizer = {"optimizer": self.optimizer.state_dict()}
+            grad_accum=self.cfg.train.grad_accum, sharded=self.sharded, config=self.cfg.to_dict(),
+            torch_version=torch.__version__)
+        if self.sharded:
+            model = sharding.full_model_state(self.net)
+            ema = sharding.full_model_state(self.ema.ema_model)
+            optimizer = {"optimizer": sharding.full_optimizer_state(self.net, self.optimizer.optimizer)}
+            if not self.accelerator.is_main_process:
+                return None
+        else:
+            model, ema = self.net.state_dict(), self.ema.ema_model.state_dict()
+            optimizer = {"optimizer": self.optimizer.state_dict()}
         if self.accelerator.scaler is not None:
             optimizer["scaler"] = self.accelerator.scaler.state_dict()
-        return ckpt_io.Checkpoint(model=self.net.state_dict(), ema=self.ema.ema_model.state_dict(),
-                                  optimizer=optimizer, state=state)
+        return ckpt_io.Checkpoint(model=model, ema=ema, optimizer=optimizer, state=state)
 
     def save(self) -> bool:
         """Commit a checkpoint of the current step. A failed write keeps the previous checkpoints and
@@ -382,11 +421,11 @@ class Trainer:
         acc = self.accelerator
         acc.wait_for_everyone()
         outcome = [None]
+        ck = self.checkpoint() if self.sharded or acc.is_main_process else None
         if acc.is_main_process:
             folder = self.run_dir / "checkpoints" / ckpt_io.step_dir_name(self.state.step)
             try:
-                ckpt_io.write_checkpoint(folder, self.checkpoint(),
-                                         before_commit=self.faults.save_hook(self.state.step))
+                ckpt_io.write_checkpoint(folder, ck, before_commit=self.faults.save_hook(self.state.step))
                 ckpt_io.prune(self.run_dir, self.cfg.run.checkpoints_total_limit)
             except OSError as e:
                 kept = ckpt_io.list_checkpoints(self.run_dir)
@@ -401,11 +440,16 @@ class Trainer:
     def load(self, ck: ckpt_io.Checkpoint) -> None:
         """Restore model, EMA, optimizer and counters from a checkpoint (on every rank)."""
         hint = "Resume with the model flags the run was started with."
-        ckpt_io.load_weights_checked(self.net, ck.model, "model.safetensors", hint)
-        ckpt_io.load_weights_checked(self.ema.ema_model, ck.ema, "ema.safetensors", hint)
+        for module, sd, name in ((self.net, ck.model, "model.safetensors"),
+                                 (self.ema.ema_model, ck.ema, "ema.safetensors")):
+            load = (lambda sd, m=module: sharding.load_full_model_state(m, sd)) if self.sharded else None
+            ckpt_io.load_weights_checked(module, sd, name, hint, load=load)
         self.ema.step.fill_(ck.state.get("ema_step", 0))
         self.ema.initted.fill_(ck.state.get("ema_initted", True))
-        self.optimizer.load_state_dict(ck.optimizer["optimizer"])
+        if self.sharded:
+            sharding.load_full_optimizer_state(self.net, self.optimizer.optimizer, ck.optimizer["optimizer"])
+        else:
+            self.optimizer.load_state_dict(ck.optimizer["optimizer"])
         for group in self.optimizer.param_groups:  # the saved groups carry the old hyperparameters
             group.update(betas=tuple(self.cfg.train.adam_betas), weight_decay=self.cfg.train.weight_decay)
             if "fused" in group:

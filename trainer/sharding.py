@@ -1,0 +1,151 @@
+"""Fully sharded data parallel (FSDP2) for the Trainer.
+
+A launch with an FSDP accelerate config (`accelerate_configs/fsdp.yaml`) asks for it. Eddy shards the
+network itself with `torch.distributed.fsdp.fully_shard` instead of handing it to Accelerate, so the
+same code runs on GPUs (NCCL) and on CPU processes (gloo, where Accelerate would fall back to DDP):
+the path the CPU tests cover is the path GPUs run. Accelerate still forms the process group and
+provides autocast.
+
+Checkpoints hold full, unsharded state dicts in the layout a plain module and `optimizer.state_dict()`
+use, gathered on the main process. A run can therefore move between one process, DDP and FSDP, and
+between world sizes, and `trainer/sample.py` reads an FSDP checkpoint like any other.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, MutableMapping
+
+import torch
+import torch.distributed as dist
+
+from trainer.errors import ConfigError
+
+# The network's blocks that become one FSDP unit each: their parameters are gathered together just
+# before the block runs and freed after it. The Unet's remaining layers belong to the root unit.
+DEFAULT_WRAP = ("ResnetBlock", "LinearAttention", "Attention")
+
+_TRUE = ("1", "true", "yes")
+
+
+@dataclass(frozen=True)
+class FsdpPlan:
+    """How to shard: which block classes are units, and whether to free gathered weights after forward."""
+
+    wrap: tuple[str, ...] = DEFAULT_WRAP
+    # True: ZeRO-3 (parameters gathered again for backward); False: ZeRO-2 (kept from forward to backward).
+    reshard_after_forward: bool = True
+
+    def describe(self) -> str:
+        stage = "ZeRO-3, weights regathered for backward" if self.reshard_after_forward else \
+            "ZeRO-2, weights kept from forward to backward"
+        return f"FSDP2 over {', '.join(self.wrap)} ({stage})"
+
+
+def plan_from_env(environ: MutableMapping[str, str] = os.environ) -> FsdpPlan | None:
+    """The FSDP plan that `accelerate launch` put into the environment, or None for no sharding.
+
+    Removes `ACCELERATE_USE_FSDP` from `environ`: the Accelerator must not wrap the network a second time.
+    Raises ConfigError, naming the accelerate config key, for settings Eddy does not support.
+    """
+    if environ.get("ACCELERATE_USE_FSDP", "").lower() not in _TRUE:
+        return None
+    environ.pop("ACCELERATE_USE_FSDP")
+    if environ.get("FSDP_OFFLOAD_PARAMS", "false").lower() in _TRUE:
+        raise ConfigError("the accelerate config sets fsdp_offload_params: true, which Eddy does not support "
+                          "(the optimizer step and the EMA run on the GPU). Set it to false.")
+    policy = environ.get("FSDP_AUTO_WRAP_POLICY", "TRANSFORMER_BASED_WRAP").upper()
+    if policy not in ("TRANSFORMER_BASED_WRAP", "NO_WRAP", ""):
+        raise ConfigError(f"the accelerate config sets fsdp_auto_wrap_policy: {policy}; Eddy shards by block "
+                          f"class: use TRANSFORMER_BASED_WRAP with fsdp_transformer_layer_cls_to_wrap "
+                          f"(default {','.join(DEFAULT_WRAP)}).")
+    names = environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "")
+    wrap = tuple(n.strip() for n in names.split(",") if n.strip()) or DEFAULT_WRAP
+    if policy == "NO_WRAP":
+        wrap = ()
+    if environ.get("FSDP_VERSION", "2") == "1":
+        strategy = environ.get("FSDP_SHARDING_STRATEGY", "FULL_SHARD").upper()
+        reshard = {"FULL_SHARD": True, "1": True, "SHARD_GRAD_OP": False, "2": False}.get(strategy)
+        if reshard is None:
+            raise ConfigError(f"the accelerate config sets fsdp_sharding_strategy: {strategy}; Eddy supports "
+                              f"FULL_SHARD and SHARD_GRAD_OP (for no sharding use multi_gpu.yaml).")
+    else:
+        reshard = environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() in _TRUE
+    return FsdpPlan(wrap=wrap, reshard_after_forward=reshard)
+
+
+def shard(module: torch.nn.Module, plan: FsdpPlan, device: torch.device) -> None:
+    """Shard `module` in place over all processes: each block of a class in `plan.wrap`, then the rest."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    present = {type(m).__name__ for m in module.modules()}
+    absent = [name for name in plan.wrap if name not in present]
+    if absent:
+        raise ConfigError(f"fsdp_transformer_layer_cls_to_wrap names {', '.join(absent)}, which the network does "
+                          f"not contain; it has {', '.join(sorted(present))}.")
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    # Children before parents: a block nested in another wrapped block becomes its own unit first.
+    for m in reversed(list(module.modules())):
+        if m is not module and type(m).__name__ in plan.wrap:
+            fully_shard(m, mesh=mesh, reshard_after_forward=plan.reshard_after_forward)
+    fully_shard(module, mesh=mesh, reshard_after_forward=plan.reshard_after_forward)
+
+
+def is_sharded(module: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor gathered into a plain tensor (a collective); a plain tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+# Full state dicts. Each `full_*` function is a collective: every rank calls it, the main process gets
+# the whole state on the CPU, the others an empty dict. Each `load_full_*` takes the whole state on
+# every rank and keeps this rank's shard.
+
+def _options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kw)
+
+
+def full_model_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(module, options=_options(cpu_offload=True))
+
+
+def load_full_model_state(module: torch.nn.Module, sd: dict[str, torch.Tensor]) -> None:
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    set_model_state_dict(module, dict(sd), options=_options())  # it turns the dict's values into shards
+
+
+def full_optimizer_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer state as `optimizer.state_dict()` of the unsharded module would hold it."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    by_name = get_optimizer_state_dict(module, optimizer, options=_options(cpu_offload=True))
+    if not by_name:
+        return {}
+    index = {name: i for i, (name, _) in enumerate(module.named_parameters())}
+    return {"state": {index[name]: s for name, s in by_name["state"].items()},
+            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in by_name["param_groups"]]}
+
+
+def load_full_optimizer_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer, sd: dict[str, Any]) -> None:
+    """Load a state in `optimizer.state_dict()` layout (parameters by index) into a sharded optimizer."""
+    import copy
+
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    names = [name for name, _ in module.named_parameters()]
+    by_name = {"state": {names[i]: copy.deepcopy(s) for i, s in sd["state"].items()},
+               "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in sd["param_groups"]]}
+    set_optimizer_state_dict(module, optimizer, optim_state_dict=by_name, options=_options())
