@@ -85,6 +85,17 @@ def test_run_folder_holds_checkpoint_grids_config_and_wandb_run(tmp_path):
     assert state["step"] == 6 and state["images_seen"] == 24
 
 
+def test_tensorboard_run_holds_the_scalars_and_sample_grids_in_the_run_folder(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = train(tmp_path, "--train_num_steps", "4", "--save_and_sample_every", "2", "--report_to", "tensorboard")
+    assert list(tmp_path.rglob("events.out.tfevents.*")) == list(run_dir.rglob("events.out.tfevents.*"))
+    scalars = min(run_dir.rglob("events.out.tfevents.*"), key=lambda p: len(p.parts))  # hparams sit deeper
+    acc = EventAccumulator(str(scalars.parent)).Reload()
+    assert [e.step for e in acc.Scalars("loss")] == [2, 4]
+    assert [e.step for e in acc.Images("samples")] == [2, 4]
+
+
 def test_resume_latest_continues_exactly_like_an_uninterrupted_run(tmp_path):
     """Train N steps, stop, `--resume latest` to 2N: step, optimizer and EMA continue, bit for bit."""
     common = ["--grad_accum", "2", "--save_and_sample_every", "3", "--dropout", "0.1", "--self_condition"]

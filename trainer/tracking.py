@@ -76,7 +76,12 @@ class AccelerateTracker(Tracker):
         super().__init__(run_dir)
         self.accelerator, self.backend = accelerator, backend
         init_kwargs: dict[str, Any] = {}
-        accelerator.project_configuration.set_directories(str(run_dir))  # TensorBoard writes under it
+        dirs = accelerator.project_configuration  # TensorBoard writes under its logging_dir
+        dirs.project_dir = dirs.logging_dir = str(run_dir)
+        if backend == "tensorboard":  # its hparams take flat scalars only
+            from trainer.config import flatten
+
+            config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flatten(config).items()}
         if backend == "wandb":
             (run_dir / "wandb").mkdir(exist_ok=True)
             init_kwargs["wandb"] = {"dir": str(run_dir), "id": run_id, "resume": "allow",

@@ -71,7 +71,9 @@ def make_accelerator(cfg: Config, fsdp: FsdpPlan | None = None) -> Accelerator:
     accelerator = Accelerator(
         mixed_precision=mp,
         log_with=None if cfg.run.report_to == "none" else cfg.run.report_to,
-        project_config=ProjectConfiguration(),
+        # TensorBoard needs a logging folder when the Accelerator is made; the tracker moves it into
+        # the run folder once that is decided.
+        project_config=ProjectConfiguration(project_dir=cfg.run.results_path, logging_dir=cfg.run.results_path),
         gradient_accumulation_steps=cfg.train.grad_accum,
         kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
     )
