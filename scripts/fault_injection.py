@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import random
+import signal
 import statistics
 import subprocess
 import sys
@@ -110,6 +111,18 @@ def _committed_step(run_dir: Path) -> int:
     return int(ckpts[-1].name.split("-")[1]) if ckpts else 0
 
 
+def _training_workers(launcher: subprocess.Popen) -> list[psutil.Process]:
+    """The launcher's training processes (not its helpers, such as multiprocessing's resource tracker)."""
+    found = []
+    for p in psutil.Process(launcher.pid).children(recursive=True):
+        try:
+            if any(arg.endswith("train.py") for arg in p.cmdline()):
+                found.append(p)
+        except psutil.Error:  # gone meanwhile
+            pass
+    return found
+
+
 def run_reference(results: Path, steps: int, save_every: int, processes: int = 1) -> Path:
     """The uninterrupted run. Returns its folder."""
     proc = subprocess.run(train_command(results, steps, save_every, processes=processes), env=_env(), cwd=REPO,
@@ -132,9 +145,13 @@ def chaos(results: Path, reference: Path, *, kills: int, steps: int, save_every:
     start = time.perf_counter()
     run_dir = results / "run"
     cmd = train_command(results, steps, save_every, "--resume", "auto", processes=processes)
+    life_log = results / "life.log"  # the output of the current life, for the error below
+    results.mkdir(parents=True, exist_ok=True)
     while True:
         lines_before, committed_before = _logged_lines(run_dir), _committed_step(run_dir)
-        proc = subprocess.Popen(cmd, env=_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        with open(life_log, "w") as out:
+            proc = subprocess.Popen(cmd, env=_env(), cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)  # its own process group, for killpg below
         if report.kills < kills:
             if rng.random() < 0.1:
                 time.sleep(rng.uniform(0.0, 3.0))
@@ -145,15 +162,15 @@ def chaos(results: Path, reference: Path, *, kills: int, steps: int, save_every:
                 while proc.poll() is None and _logged_lines(run_dir) - lines_before < k:
                     time.sleep(0.002)
                 time.sleep(rng.uniform(0.0, 0.05))
-            workers = psutil.Process(proc.pid).children(recursive=True) if processes > 1 else []
+            workers = _training_workers(proc) if processes > 1 else []
             if proc.poll() is None:
                 if workers:
                     try:
                         rng.choice(workers).kill()
                     except psutil.NoSuchProcess:
                         pass
-                else:
-                    proc.kill()
+                else:  # one process, or a launch still starting: the whole job dies, as with a lost node
+                    os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
                 report.kills += 1
                 # Steps this life trained (one metrics line each) minus the steps it got committed.
@@ -167,7 +184,8 @@ def chaos(results: Path, reference: Path, *, kills: int, steps: int, save_every:
                 report.restarts += 1
                 continue
         if proc.wait() != 0:
-            raise RuntimeError(f"a restarted run failed with exit status {proc.returncode}")
+            raise RuntimeError(f"a restarted run failed with exit status {proc.returncode} after {report.kills} "
+                               f"kills:\n{life_log.read_text()[-3000:]}")
         break
     report.differences = differences(final_state(reference), final_state(run_dir))
     report.identical = not report.differences

@@ -43,7 +43,7 @@ def test_two_processes_survive_kill_9_of_a_worker_bit_for_bit(tmp_path):
     report = fault_injection.chaos(tmp_path / "chaos", reference, kills=3, steps=steps, save_every=save_every,
                                    seed=2, processes=2)
     print(report.table())
-    assert report.kills == 3 and report.checkpoints_damaged == 0
+    assert report.kills == 3 and report.checkpoints_damaged == 0, report.table()
     assert report.identical, report.differences[:5]
 
 
