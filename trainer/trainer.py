@@ -9,6 +9,9 @@ bit.
 Per optimizer step the host reads one small tensor: the flag on which all ranks agree to skip a
 non-finite step or to stop for preemption. Losses and norms stay on the device and are reduced
 every `--log_every` steps.
+
+Under an FSDP launch the network and its EMA are sharded (trainer/sharding.py) instead of wrapped
+in DDP; checkpoints still hold the full state, in the same layout.
 """
 
 from __future__ import annotations
