@@ -68,15 +68,14 @@ def test_plan_from_env_reads_the_accelerate_fsdp_keys_and_takes_the_request_from
     assert plan_from_env(v1).reshard_after_forward is False
 
 
-@pytest.mark.parametrize("key,value,named", [
-    ("FSDP_OFFLOAD_PARAMS", "true", "fsdp_offload_params"),
-    ("FSDP_AUTO_WRAP_POLICY", "SIZE_BASED_WRAP", "fsdp_auto_wrap_policy"),
+@pytest.mark.parametrize("env,named", [
+    ({"FSDP_OFFLOAD_PARAMS": "true"}, "fsdp_offload_params"),
+    ({"FSDP_AUTO_WRAP_POLICY": "SIZE_BASED_WRAP"}, "fsdp_auto_wrap_policy"),
+    ({"FSDP_VERSION": "1", "FSDP_SHARDING_STRATEGY": "NO_SHARD"}, "fsdp_sharding_strategy"),
 ])
-def test_unsupported_fsdp_settings_are_refused_by_name(key, value, named):
+def test_unsupported_fsdp_settings_are_refused_by_name(env, named):
     with pytest.raises(ConfigError, match=named):
-        plan_from_env({"ACCELERATE_USE_FSDP": "true", key: value})
-    with pytest.raises(ConfigError, match="fsdp_sharding_strategy"):
-        plan_from_env({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1", "FSDP_SHARDING_STRATEGY": "NO_SHARD"})
+        plan_from_env({"ACCELERATE_USE_FSDP": "true", **env})
 
 
 def test_a_block_class_the_network_lacks_and_fp16_are_refused_before_training(tmp_path):

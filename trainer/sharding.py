@@ -12,6 +12,7 @@ between world sizes, and `trainer/sample.py` reads an FSDP checkpoint like any o
 """
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
 from typing import Any, MutableMapping
@@ -92,14 +93,9 @@ def shard(module: torch.nn.Module, plan: FsdpPlan, device: torch.device) -> None
     fully_shard(module, mesh=mesh, reshard_after_forward=plan.reshard_after_forward)
 
 
-def is_sharded(module: torch.nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(module, FSDPModule)
-
-
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
-    """A DTensor gathered into a plain tensor (a collective); a plain tensor as it is."""
+    """A DTensor gathered into a plain tensor (a collective); a plain tensor as it is. (Imports
+    torch.distributed.tensor, which takes half a second the first time: call it for sharded modules.)"""
     from torch.distributed.tensor import DTensor
 
     return t.full_tensor() if isinstance(t, DTensor) else t
@@ -141,8 +137,6 @@ def full_optimizer_state(module: torch.nn.Module, optimizer: torch.optim.Optimiz
 
 def load_full_optimizer_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer, sd: dict[str, Any]) -> None:
     """Load a state in `optimizer.state_dict()` layout (parameters by index) into a sharded optimizer."""
-    import copy
-
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
     names = [name for name, _ in module.named_parameters()]

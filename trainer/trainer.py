@@ -266,7 +266,9 @@ class Trainer:
                 acc.backward(loss)
                 total += loss.detach()
         max_norm = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
-        grad_norm = sharding.full_tensor(acc.clip_grad_norm_(self.net.parameters(), max_norm))
+        grad_norm = acc.clip_grad_norm_(self.net.parameters(), max_norm)
+        if self.sharded:  # the norm of sharded gradients is a DTensor
+            grad_norm = sharding.full_tensor(grad_norm)
         return total / t.grad_accum, grad_norm.detach().float()
 
     def _batches(self) -> Iterator[torch.Tensor]:
