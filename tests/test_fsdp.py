@@ -12,9 +12,9 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
-from conftest import TINY, accelerate_launch, script, train
+from conftest import TINY, script, train
+from test_multiprocess import launch_ok
 from test_train import assert_same, final_weights
 from trainer.checkpoint import list_checkpoints
 from trainer.errors import ConfigError
@@ -30,27 +30,6 @@ def fsdp_launch(*args: str, launcher_flags: tuple[str, ...] = ()) -> subprocess.
     result = script(*launcher, "trainer/train.py", *TINY, *COMMON, *args, env={"ACCELERATE_USE_CPU": "true"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
-
-
-def ddp_launch(*args: str) -> subprocess.CompletedProcess:
-    result = accelerate_launch("trainer/train.py", *TINY, *COMMON, *args)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
-
-
-def assert_close(a, b, path="", atol=2e-5) -> None:
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for k in a:
-            assert_close(a[k], b[k], f"{path}/{k}", atol)
-    elif isinstance(a, (list, tuple)):
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            assert_close(x, y, f"{path}[{i}]", atol)
-    elif isinstance(a, torch.Tensor):
-        assert a.shape == b.shape and a.dtype == b.dtype, path
-        torch.testing.assert_close(a, b, atol=atol, rtol=1e-4, msg=lambda m: f"{path}: {m}")
-    else:
-        assert a == b, path
 
 
 # ----------------------------------------------------------------------------------------------
@@ -103,11 +82,11 @@ def test_a_block_class_the_network_lacks_and_fp16_are_refused_before_training(tm
 def test_fsdp_learns_what_ddp_learns_resumes_bit_exactly_and_shares_checkpoints_with_ddp(tmp_path, capsys):
     fsdp_out = fsdp_launch("--results_path", str(tmp_path / "fsdp"), "--run_name", "r", "--train_num_steps", "7")
     assert "FSDP2 over ResnetBlock, LinearAttention, Attention (ZeRO-3" in fsdp_out.stdout
-    ddp_launch("--results_path", str(tmp_path / "ddp"), "--run_name", "r", "--train_num_steps", "7")
+    launch_ok(*COMMON, "--results_path", str(tmp_path / "ddp"), "--run_name", "r", "--train_num_steps", "7")
     fsdp_run, ddp_run = tmp_path / "fsdp" / "r", tmp_path / "ddp" / "r"
 
     # Same data, seeds and updates: only the order of the gradient sums differs.
-    assert_close(final_weights(fsdp_run), final_weights(ddp_run))
+    assert_same(final_weights(fsdp_run), final_weights(ddp_run), atol=2e-5)
     state = json.loads((list_checkpoints(fsdp_run)[-1] / "state.json").read_text())
     assert state["sharded"] and state["world_size"] == 2 and state["step"] == 7
     assert (fsdp_run / "samples" / "step-00000006.png").is_file()
@@ -120,8 +99,8 @@ def test_fsdp_learns_what_ddp_learns_resumes_bit_exactly_and_shares_checkpoints_
     assert_same(final_weights(fsdp_run), final_weights(tmp_path / "b" / "r"))
 
     # A DDP run continues an FSDP checkpoint, and FSDP a DDP one; one process continues either.
-    ddp_launch("--results_path", str(tmp_path / "fsdp"), "--resume", "latest", "--train_num_steps", "9")
+    launch_ok(*COMMON, "--results_path", str(tmp_path / "fsdp"), "--resume", "latest", "--train_num_steps", "9")
     fsdp_launch("--results_path", str(tmp_path / "ddp"), "--resume", "latest", "--train_num_steps", "9")
-    assert_close(final_weights(fsdp_run), final_weights(ddp_run))
+    assert_same(final_weights(fsdp_run), final_weights(ddp_run), atol=2e-5)
     train(tmp_path / "fsdp", "--resume", "latest", "--train_num_steps", "10")
     assert json.loads((list_checkpoints(fsdp_run)[-1] / "state.json").read_text())["sharded"] is False

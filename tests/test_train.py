@@ -28,16 +28,20 @@ def final_weights(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
             "optimizer": torch.load(last / "optimizer.pt", weights_only=True)["optimizer"]}
 
 
-def assert_same(a, b, path="") -> None:
-    """Bit-for-bit equality of nested dicts/lists of tensors and numbers."""
+def assert_same(a, b, path="", atol: float | None = None) -> None:
+    """Equality of nested dicts/lists of tensors and numbers: bit for bit, or tensors within `atol`
+    (and a relative 1e-4) when given."""
     if isinstance(a, dict):
         assert a.keys() == b.keys(), path
         for k in a:
-            assert_same(a[k], b[k], f"{path}/{k}")
+            assert_same(a[k], b[k], f"{path}/{k}", atol)
     elif isinstance(a, (list, tuple)):
         assert len(a) == len(b), path
         for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{path}[{i}]")
+            assert_same(x, y, f"{path}[{i}]", atol)
+    elif isinstance(a, torch.Tensor) and atol is not None:
+        assert a.shape == b.shape and a.dtype == b.dtype, path
+        torch.testing.assert_close(a, b, atol=atol, rtol=1e-4, msg=lambda m: f"{path}: {m}")
     elif isinstance(a, torch.Tensor):
         assert torch.equal(a, b), f"{path} differs (max |diff| {(a.float() - b.float()).abs().max().item()})"
     else:
