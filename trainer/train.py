@@ -139,6 +139,8 @@ def run(args: dict[str, Any]) -> Path:
     wandb_note = resolve_wandb_mode()[1] if cfg.run.report_to == "wandb" else None
     fsdp = fsdp_plan_from_env()  # taken before the Accelerator, which would otherwise wrap the network itself
     accelerator = make_accelerator(cfg, fsdp)
+    if fsdp is not None and not torch.distributed.is_initialized():
+        fsdp = None  # one process launched without a process group: nothing to shard
     main_proc = accelerator.is_main_process
     say = accelerator.print
 
@@ -182,9 +184,8 @@ def run(args: dict[str, Any]) -> Path:
 
     t = cfg.train
     world = accelerator.num_processes
-    sharded = fsdp is not None and torch.distributed.is_initialized()
     say(f"device: {accelerator.device} x {world} process(es), mixed precision {accelerator.mixed_precision}, "
-        f"{fsdp.describe() if sharded else 'weights replicated (DDP)' if world > 1 else 'one process'}\n"
+        f"{fsdp.describe() if fsdp else 'weights replicated (DDP)' if world > 1 else 'one process'}\n"
         f"batch: {t.batch_size} per device x {world} x {t.grad_accum} accumulation = "
         f"{t.batch_size * world * t.grad_accum} per optimizer step\n"
         f"model: Unet dim {cfg.model.dim} mults {list(cfg.model.dim_mults)}, "

@@ -137,8 +137,7 @@ class Trainer:
         t = cfg.train
 
         self.net = diffusion.model
-        # FSDP needs a process group; one process launched without one has nothing to shard.
-        self.sharded = fsdp is not None and torch.distributed.is_initialized()
+        self.sharded = fsdp is not None  # `fsdp` comes only with a launch that formed a process group
         ema_net = None
         if self.sharded:
             # The EMA copy is sharded like the network, so each rank averages its own shard.
