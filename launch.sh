@@ -20,7 +20,7 @@ setup() {
         echo "launch.sh: installing ${EDDY_TORCH:-torch==2.13.0}" >&2
         "$PY" -m pip install -q "${EDDY_TORCH:-torch==2.13.0}"
     fi
-    if ! "$PY" -c "import accelerate, einops, ema_pytorch, wandb, datasets, safetensors, yaml, pytest, models, trainer" 2>/dev/null; then
+    if ! "$PY" -c "import accelerate, einops, ema_pytorch, wandb, datasets, safetensors, yaml, pytest, deepspeed, models, trainer" 2>/dev/null; then
         echo "launch.sh: installing Eddy and its dependencies" >&2
         "$PY" -m pip install -q -e ".[dev]"
     fi

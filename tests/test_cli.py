@@ -168,10 +168,11 @@ def test_multi_gpu_without_gpus_is_refused_not_run_twice(tmp_path):
     assert not list(tmp_path.rglob("*.safetensors"))
 
 
-def test_a_deepspeed_launch_is_refused_with_the_fsdp_alternative(capsys, monkeypatch):
+def test_a_deepspeed_zero3_launch_is_refused_with_the_fsdp_alternative(capsys, monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
     code, err = run_main(capsys, *TINY, "--train_num_steps", "1")
-    assert code == 2 and "DeepSpeed" in err and "fsdp_reshard_after_forward: false" in err
+    assert code == 2 and "ZeRO stage 3" in err and "accelerate_configs/fsdp.yaml" in err
 
 
 def test_readme_flag_reference_is_current():

@@ -122,7 +122,10 @@ def run(args: dict[str, Any]) -> Path:
     from trainer.sharding import plan_from_env as fsdp_plan_from_env
     from trainer.trainer import Trainer, make_accelerator
     from trainer.tracking import make_tracker, resolve_wandb_mode
+    from trainer.zero import plan_from_env as zero_plan_from_env
 
+    # Taken before any Accelerate state exists, which would otherwise wrap the network itself.
+    fsdp, zero_plan = fsdp_plan_from_env(), zero_plan_from_env()
     # `--resume latest` names a run by the age of its files: the main process chooses, so that every
     # rank reads the same run's config even while checkpoints are being written.
     world = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # the Accelerator below reuses it
@@ -137,10 +140,11 @@ def run(args: dict[str, Any]) -> Path:
 
     cfg, run_dir, ckpt_dir = resolve_config(args)
     wandb_note = resolve_wandb_mode()[1] if cfg.run.report_to == "wandb" else None
-    fsdp = fsdp_plan_from_env()  # taken before the Accelerator, which would otherwise wrap the network itself
-    accelerator = make_accelerator(cfg, fsdp)
-    if fsdp is not None and not torch.distributed.is_initialized():
-        fsdp = None  # one process launched without a process group: nothing to shard
+    accelerator = make_accelerator(cfg, fsdp, zero_plan)
+    if not torch.distributed.is_initialized():
+        fsdp = zero_plan = None  # one process launched without a process group: nothing to shard
+    if zero_plan is not None:  # the launch's DeepSpeed settings against the flags, before any heavy work
+        zero_plan.config(cfg, accelerator.num_processes, bf16=accelerator.mixed_precision == "bf16")
     main_proc = accelerator.is_main_process
     say = accelerator.print
 
@@ -184,8 +188,9 @@ def run(args: dict[str, Any]) -> Path:
 
     t = cfg.train
     world = accelerator.num_processes
+    plan = fsdp or zero_plan
     say(f"device: {accelerator.device} x {world} process(es), mixed precision {accelerator.mixed_precision}, "
-        f"{fsdp.describe() if fsdp else 'weights replicated (DDP)' if world > 1 else 'one process'}\n"
+        f"{plan.describe() if plan else 'weights replicated (DDP)' if world > 1 else 'one process'}\n"
         f"batch: {t.batch_size} per device x {world} x {t.grad_accum} accumulation = "
         f"{t.batch_size * world * t.grad_accum} per optimizer step\n"
         f"model: Unet dim {cfg.model.dim} mults {list(cfg.model.dim_mults)}, "
@@ -196,7 +201,7 @@ def run(args: dict[str, Any]) -> Path:
         say(f"W&B: {wandb_note}")
 
     trainer = Trainer(cfg, accelerator, diffusion, dataset, run_dir, tracker=tracker, resume_from=resume_from,
-                      run_id=run_id[0], fsdp=fsdp)
+                      run_id=run_id[0], fsdp=fsdp, zero_plan=zero_plan)
     start = time.perf_counter()
     try:
         state = trainer.train()

@@ -11,7 +11,8 @@ non-finite step or to stop for preemption. Losses and norms stay on the device a
 every `--log_every` steps.
 
 Under an FSDP launch the network and its EMA are sharded (trainer/sharding.py) instead of wrapped
-in DDP; checkpoints still hold the full state, in the same layout.
+in DDP; under a DeepSpeed launch a ZeRO engine trains the network and the EMA follows its fp32
+master weights (trainer/zero.py). Checkpoints hold the full state, in the same layout, in every mode.
 """
 
 from __future__ import annotations
@@ -39,36 +40,35 @@ from tqdm.auto import tqdm
 
 from models import GaussianDiffusion
 from trainer import checkpoint as ckpt_io
-from trainer import sharding
+from trainer import sharding, zero
 from trainer.config import Config, default_num_workers
 from trainer.data.sampler import ResumableBatchSampler, mix_seed
 from trainer.errors import ConfigError, EddyError
 from trainer.faults import Faults
 from trainer.sharding import FsdpPlan
+from trainer.zero import ZeroPlan
 from trainer.tracking import Tracker, save_image_grid, write_progress_gif
 
 # Streams of the per-step seed, so that training, sampling and augmentation never share draws.
 _TRAIN, _SAMPLE = 1, 2
 
 
-def make_accelerator(cfg: Config, fsdp: FsdpPlan | None = None) -> Accelerator:
+def make_accelerator(cfg: Config, fsdp: FsdpPlan | None = None, zero_plan: ZeroPlan | None = None) -> Accelerator:
     """The Accelerator for `cfg`, after checking that the launch really formed the world it claims.
 
-    `fsdp` is the launch's FSDP plan (`sharding.plan_from_env`, read before this is called): the
-    Trainer shards the network itself, so the Accelerator is made as for DDP.
+    `fsdp` and `zero_plan` are the launch's FSDP and DeepSpeed plans (`sharding.plan_from_env`,
+    `zero.plan_from_env`, read before this is called): the Trainer shards the network or builds the
+    DeepSpeed engine itself, so the Accelerator is made as for DDP.
     """
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true", "yes"):
-        raise ConfigError(
-            "the launch asks for DeepSpeed, which Eddy does not support: its checkpoints and exact resume "
-            "need the optimizer state in one layout. For ZeRO-2 (sharded optimizer state and gradients) use "
-            "accelerate_configs/fsdp.yaml with fsdp_reshard_after_forward: false; for ZeRO-3, "
-            "fsdp_reshard_after_forward: true.")
     mp = cfg.train.mixed_precision
     if mp == "auto":
         mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     if fsdp is not None and mp == "fp16":
         raise ConfigError("--mixed_precision fp16 with FSDP: the fp16 gradient scaler would decide to skip a step "
                           "from this rank's shard alone, and the ranks would drift apart. Use bf16 (or no).")
+    if zero_plan is not None and mp == "fp16":
+        raise ConfigError("--mixed_precision fp16 with DeepSpeed: Eddy trains DeepSpeed in bf16 or fp32, where no "
+                          "loss scaler skips steps behind the EMA's back. Use bf16 (or no).")
     # Our only buffers are the diffusion schedule, equal on every rank: DDP need not sync them.
     warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated")
     accelerator = Accelerator(
@@ -121,31 +121,39 @@ class TrainState:
 
 class Trainer:
     accelerator: Accelerator
-    diffusion: GaussianDiffusion   # unwrapped; `self.model` is the prepared (DDP) one, or this one under FSDP
+    diffusion: GaussianDiffusion   # unwrapped; `self.model` is the prepared (DDP) one, this one under FSDP, or the
+                                   # DeepSpeed engine
     ema: EMA                       # of the network, on every rank (each rank's shard under FSDP)
     sharded: bool                  # the network and its EMA are sharded with FSDP2 (trainer/sharding.py)
+    zero: bool                     # a DeepSpeed ZeRO engine trains the network (trainer/zero.py)
+    master: torch.nn.Module | None  # under DeepSpeed, an fp32 copy of the network for the gathered master weights
     optimizer: torch.optim.Optimizer
     sampler: ResumableBatchSampler
     state: TrainState
 
     def __init__(self, cfg: Config, accelerator: Accelerator, diffusion: GaussianDiffusion, dataset: Dataset,
                  run_dir: Path, tracker: Tracker | None = None, resume_from: ckpt_io.Checkpoint | None = None,
-                 run_id: str = "", fsdp: FsdpPlan | None = None):
+                 run_id: str = "", fsdp: FsdpPlan | None = None, zero_plan: ZeroPlan | None = None):
         self.cfg, self.accelerator, self.run_dir = cfg, accelerator, run_dir
         self.tracker = tracker if accelerator.is_main_process else None
         self.device = accelerator.device
         t = cfg.train
 
         self.net = diffusion.model
-        self.sharded = fsdp is not None  # `fsdp` comes only with a launch that formed a process group
-        ema_net = None
+        # The plans come only with a launch that formed a process group.
+        self.sharded, self.zero = fsdp is not None, zero_plan is not None
+        ema_net, self.master = None, None
         if self.sharded:
             # The EMA copy is sharded like the network, so each rank averages its own shard.
             diffusion.to(self.device)
             ema_net = copy.deepcopy(self.net).requires_grad_(False)
             for module in (self.net, ema_net):
                 sharding.shard(module, fsdp, self.device)
-        self.ema = EMA(self.net, ema_model=ema_net, beta=t.ema_decay, update_every=t.ema_update_every,
+        if self.zero:
+            # The engine turns the network's weights into the training precision; the EMA follows the
+            # fp32 masters, gathered into this copy.
+            self.master = copy.deepcopy(self.net).requires_grad_(False).to(self.device)
+        self.ema = EMA(self.online, ema_model=ema_net, beta=t.ema_decay, update_every=t.ema_update_every,
                        update_after_step=t.ema_update_after_step, include_online_model=False, use_foreach=True)
         # The EMA's counters stay on the CPU (ema-pytorch reads them with .item()); its weights go to the device.
         self.ema.ema_model.to(self.device).eval()
@@ -159,9 +167,15 @@ class Trainer:
                                       weight_decay=t.weight_decay, **opt_kwargs)
         if self.sharded:  # sharded above: Accelerate must not wrap it in DDP
             self.model, self.optimizer = diffusion, accelerator.prepare(optimizer)
+            self.diffusion = diffusion
+        elif self.zero:  # the engine steps the ZeRO optimizer itself
+            self.model, self.optimizer = zero.initialize(diffusion, optimizer, zero_plan, cfg, accelerator.num_processes,
+                                                         bf16=accelerator.mixed_precision == "bf16", device=self.device)
+            self.diffusion = diffusion
         else:
             self.model, self.optimizer = accelerator.prepare(diffusion, optimizer)
-        self.diffusion = accelerator.unwrap_model(self.model)
+            # (Not accelerator.unwrap_model, which imports DeepSpeed, when installed, on every run.)
+            self.diffusion = diffusion
 
         self.sampler = ResumableBatchSampler(len(dataset), t.batch_size, accelerator.process_index,
                                              accelerator.num_processes, t.seed)
@@ -213,10 +227,11 @@ class Trainer:
                     bar.update(self.state.step)
                     continue
             else:
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                if not self.zero:  # the engine has stepped at the end of the last micro-batch
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
                 if not acc.optimizer_step_was_skipped:  # fp16 overflow (unfused AdamW): no EMA update
-                    self.ema.update()
+                    self._update_ema()
                 self._consecutive_nonfinite = 0
             self.state.step += 1
             self.state.images_seen += self.sampler.global_batch * t.grad_accum
@@ -248,6 +263,8 @@ class Trainer:
     def train_step(self, batches: Iterator[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward and backward over `--grad_accum` micro-batches. Returns (mean loss, gradient norm) on device."""
         acc, t = self.accelerator, self.cfg.train
+        if self.zero:
+            return self._train_step_zero(batches)
         total = torch.zeros((), device=self.device)
         for micro in range(t.grad_accum):
             x = next(batches)
@@ -269,6 +286,37 @@ class Trainer:
         if self.sharded:  # the norm of sharded gradients is a DTensor
             grad_norm = sharding.full_tensor(grad_norm)
         return total / t.grad_accum, grad_norm.detach().float()
+
+    def _train_step_zero(self, batches: Iterator[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """`train_step` under DeepSpeed: the engine reduces, clips and steps after the last micro-batch. It
+        skips the step itself when the gradient is not finite; the norm it returns is then infinite."""
+        acc, t, engine = self.accelerator, self.cfg.train, self.model
+        total = torch.zeros((), device=self.device)
+        for micro in range(t.grad_accum):
+            x = next(batches)
+            engine.set_gradient_accumulation_boundary(micro == t.grad_accum - 1)
+            seed = mix_seed(t.seed, _TRAIN, self.state.step, micro, acc.process_index, self.state.rollbacks)
+            torch.manual_seed(seed)
+            g = torch.Generator(device=self.device).manual_seed(seed)
+            x = self._augment(x, g)
+            loss = engine(x, generator=g)  # autocast inside (zero.initialize)
+            if self.faults("nan_loss", self.state.step):
+                loss = loss * float("nan")
+            engine.backward(loss)  # scaled by 1/grad_accum inside
+            total += loss.detach()
+        engine.step()
+        norm = engine.get_global_grad_norm()
+        norm = torch.as_tensor(float("inf") if norm is None else norm, dtype=torch.float32, device=self.device)
+        return total / t.grad_accum, norm
+
+    def _update_ema(self) -> None:
+        """One EMA update. Under DeepSpeed the EMA reads the fp32 masters: gathered first when it will read them."""
+        if self.zero:
+            e = self.ema
+            step = int(e.step.item())
+            if not e.initted.item() or step % e.update_every == 0:
+                zero.gather_masters(self.net, self.master)
+        self.ema.update()
 
     def _batches(self) -> Iterator[torch.Tensor]:
         """Micro-batches on the device, forever; advances the data position as each one is consumed."""
@@ -369,11 +417,14 @@ class Trainer:
 
     def check_replicas(self) -> bool:
         """Whether every rank holds the same weights and EMA; writes `replicas.json` on the main process.
-        Sharded, each rank holds its own part by design and there is nothing to compare."""
+        Sharded, each rank holds its own part by design and there is nothing to compare. Under DeepSpeed
+        the gathered fp32 masters are compared."""
         if self.sharded:
             return True
+        if self.zero:
+            zero.gather_masters(self.net, self.master)
         h = hashlib.sha256()
-        for sd in (self.net.state_dict(), self.ema.ema_model.state_dict()):
+        for sd in (self.online.state_dict(), self.ema.ema_model.state_dict()):
             for name, tensor in sd.items():
                 h.update(name.encode())
                 h.update(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
@@ -399,14 +450,14 @@ class Trainer:
         self.save()
 
     def checkpoint(self) -> ckpt_io.Checkpoint | None:
-        """The full state to save. Sharded, a collective that every rank calls and the main process gets;
-        otherwise the main process alone calls it."""
+        """The full state to save. Sharded or under DeepSpeed (`self.collective_save`), a collective that every
+        rank calls and the main process gets; otherwise the main process alone calls it."""
         state = dict(vars(self.state))
         state.update(
             data_epoch=self.sampler.epoch, data_offset=self.sampler.offset,
             ema_step=int(self.ema.step.item()), ema_initted=bool(self.ema.initted.item()),
             world_size=self.accelerator.num_processes, batch_size=self.cfg.train.batch_size,
-            grad_accum=self.cfg.train.grad_accum, sharded=self.sharded, config=self.cfg.to_dict(),
+            grad_accum=self.cfg.train.grad_accum, sharded=self.sharded, deepspeed=self.zero, config=self.cfg.to_dict(),
             torch_version=torch.__version__)
         if self.sharded:
             model = sharding.full_model_state(self.net)
@@ -414,6 +465,12 @@ class Trainer:
             optimizer = {"optimizer": sharding.full_optimizer_state(self.net, self.optimizer.optimizer)}
             if not self.accelerator.is_main_process:
                 return None
+        elif self.zero:
+            zero.gather_masters(self.net, self.master)
+            optimizer = {"optimizer": zero.full_optimizer_state(self.net, self.optimizer)}
+            if not self.accelerator.is_main_process:
+                return None
+            model, ema = self.master.state_dict(), self.ema.ema_model.state_dict()
         else:
             model, ema = self.net.state_dict(), self.ema.ema_model.state_dict()
             optimizer = {"optimizer": self.optimizer.state_dict()}
@@ -421,13 +478,23 @@ class Trainer:
             optimizer["scaler"] = self.accelerator.scaler.state_dict()
         return ckpt_io.Checkpoint(model=model, ema=ema, optimizer=optimizer, state=state)
 
+    @property
+    def online(self) -> torch.nn.Module:
+        """The network in fp32 as the EMA follows and checkpoints hold it: the master copy under DeepSpeed."""
+        return self.master if self.master is not None else self.net
+
+    @property
+    def collective_save(self) -> bool:
+        """Whether building a checkpoint gathers state from every rank."""
+        return self.sharded or self.zero
+
     def save(self) -> bool:
         """Commit a checkpoint of the current step. A failed write keeps the previous checkpoints and
         training goes on; every rank learns the outcome. Returns whether the save succeeded."""
         acc = self.accelerator
         acc.wait_for_everyone()
         outcome = [None]
-        ck = self.checkpoint() if self.sharded or acc.is_main_process else None
+        ck = self.checkpoint() if self.collective_save or acc.is_main_process else None
         if acc.is_main_process:
             folder = self.run_dir / "checkpoints" / ckpt_io.step_dir_name(self.state.step)
             try:
@@ -446,7 +513,7 @@ class Trainer:
     def load(self, ck: ckpt_io.Checkpoint) -> None:
         """Restore model, EMA, optimizer and counters from a checkpoint (on every rank)."""
         hint = "Resume with the model flags the run was started with."
-        for module, sd, name in ((self.net, ck.model, "model.safetensors"),
+        for module, sd, name in ((self.online, ck.model, "model.safetensors"),
                                  (self.ema.ema_model, ck.ema, "ema.safetensors")):
             load = (lambda sd, m=module: sharding.load_full_model_state(m, sd)) if self.sharded else None
             ckpt_io.load_weights_checked(module, sd, name, hint, load=load)
@@ -454,6 +521,9 @@ class Trainer:
         self.ema.initted.fill_(ck.state.get("ema_initted", True))
         if self.sharded:
             sharding.load_full_optimizer_state(self.net, self.optimizer.optimizer, ck.optimizer["optimizer"])
+        elif self.zero:
+            zero.load_full_optimizer_state(self.net, self.optimizer, ck.optimizer["optimizer"])
+            zero.load_masters(self.net, self.master, self.optimizer)
         else:
             self.optimizer.load_state_dict(ck.optimizer["optimizer"])
         for group in self.optimizer.param_groups:  # the saved groups carry the old hyperparameters
