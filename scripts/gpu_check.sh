@@ -12,8 +12,10 @@
 #      bf16 and --mixed_precision no, 20 steps each: finite losses;
 #   d. resume on the GPU: 40 steps straight against 20 + resume to 40, weights compared;
 #   e. benchmarks/train_step.py (Eddy against lucidrains, training step and sampling, + compile);
-#   f. FSDP2 through fsdp.yaml: train, resume sharded, continue unsharded.
-# c, d and f run side by side (small models); a, b and e alone. Every step has its own timeout and the
+#   f. FSDP2 through fsdp.yaml: train, resume sharded, continue unsharded;
+#   g. DeepSpeed ZeRO-2 through deepspeed_zero2.yaml: train, resume, continue without DeepSpeed; then
+#      the full preset's images/s under DeepSpeed against plain one-GPU training, one after the other.
+# c, d and f run side by side (small models); a, b, e and g alone. Every step has its own timeout and the
 # whole script keeps to GPU_CHECK_BUDGET seconds (default 400): a step that would not fit is
 # skipped and says so. A failing step does not stop the others. Output: PASS/FAIL/SKIP lines, a
 # summary at the end, and files in $OUT (else /tmp/gpu_check): gpu_check.log (this output),
@@ -24,6 +26,7 @@
 #   GPU_CHECK_CPU=1       dry run on a CPU (tiny sizes, no wheel install, no compile), to catch
 #                         mistakes in this script before the one GPU run
 #   GPU_CHECK_BUDGET      seconds for the whole script (default 400)
+#   GPU_CHECK_ONLY        the steps to run, e.g. "a g" (default: all)
 #   GPU_CHECK_PYTHON      the Python to use (default python3; with GPU_CHECK_CPU=1, .venv/bin/python)
 #   GPU_CHECK_INSTALL=0|1 install the carried wheels (default 1, and 0 with GPU_CHECK_CPU=1)
 #   EDDY_VENV             the environment launch.sh uses (default: the one GPU_CHECK_PYTHON lives in)
@@ -62,6 +65,10 @@ export TQDM_MININTERVAL=15  # progress bars: a line every 15 s, not hundreds of 
 # Helpers
 
 say() { printf '[%4ds] %s\n' "$SECONDS" "$*"; }
+
+wanted() {  # STEP: whether GPU_CHECK_ONLY (default all) includes it
+    [ -z "${GPU_CHECK_ONLY:-}" ] || [[ " $GPU_CHECK_ONLY " == *" $1 "* ]]
+}
 
 result() {  # LABEL PASS|FAIL|SKIP|INFO DETAIL
     printf '%-9s %-4s %s\n' "$1" "$2" "$3" | tee -a "$SUMMARY"
@@ -129,12 +136,12 @@ def env(site=None):
     for mod, dist in [("ema_pytorch", "ema-pytorch"), ("wandb", "wandb"), ("datasets", "datasets"),
                       ("denoising_diffusion_pytorch", "denoising-diffusion-pytorch"), ("accelerate", "accelerate"),
                       ("einops", "einops"), ("safetensors", "safetensors"), ("yaml", "pyyaml"),
-                      ("pytest", "pytest"), ("tensorboard", "tensorboard")]:
+                      ("pytest", "pytest"), ("tensorboard", "tensorboard"), ("deepspeed", "deepspeed")]:
         try:
             m = importlib.import_module(mod)
             print(f"import {mod}: ok, {md.version(dist)} from {Path(m.__file__).parent}")
         except Exception as e:
-            ok = ok and mod == "tensorboard"  # optional: only --report_to tensorboard needs it
+            ok = ok and mod in ("tensorboard", "deepspeed")  # optional: only their own runs need them
             print(f"import {mod}: FAILED: {type(e).__name__}: {e}")
     for dist in ["huggingface-hub", "pyarrow", "fsspec", "protobuf", "typing-extensions", "click", "pydantic",
                  "numpy", "pillow", "tqdm", "torchvision", "scipy", "packaging"]:
@@ -345,7 +352,9 @@ export EDDY_VENV
 
 say "a. environment (launch.sh will use EDDY_VENV=$EDDY_VENV)"
 t=$(limit 90)
-if ((t == 0)); then
+if ! wanted a; then
+    result a.env SKIP "not in GPU_CHECK_ONLY"
+elif ((t == 0)); then
     result a.env SKIP "no time left in the budget"
 elif logged a "$t" "$PY" "$WORK/check.py" env "$SITE"; then
     result a.env PASS "torch, GPU and every import ok"
@@ -354,7 +363,7 @@ else
 fi
 show a 40
 # launch.sh's setup() installs with pip (impossible here) unless this import line succeeds.
-if timeout 120 "$EDDY_VENV/bin/python" -c "import accelerate, einops, ema_pytorch, wandb, datasets, safetensors, yaml, pytest, models, trainer" \
+if timeout 120 "$EDDY_VENV/bin/python" -c "import accelerate, einops, ema_pytorch, wandb, datasets, safetensors, yaml, pytest, deepspeed, models, trainer" \
     > "$WORK/logs/a_launch_imports.log" 2>&1; then
     result a.launch PASS "launch.sh's import check passes: it will not try pip"
 else
@@ -375,7 +384,9 @@ else
 fi
 say "b. ./launch.sh ${B_FLAGS[*]} --results_path $WORK/r_full"
 t=$(limit 240)
-if ((t)); then
+if ! wanted b; then
+    result b.launch SKIP "not in GPU_CHECK_ONLY"
+elif ((t)); then
     start=$SECONDS
     logged b "$t" ./launch.sh "${B_FLAGS[@]}" --results_path "$WORK/r_full"
     rc=$?
@@ -542,14 +553,80 @@ step_f() {
 }
 
 say "c. fp16 + GradScaler + resume, bf16, no mixed precision; d. resume on the device; f. FSDP2 (side by side)"
+steps=()
+for x in c d f; do wanted "$x" && steps+=("$x"); done
 if [ "$CPU_MODE" = 1 ]; then  # a few CPU cores: one after the other
-    for x in c d f; do "step_$x" > "$WORK/$x.out" 2>&1; done
+    for x in "${steps[@]}"; do "step_$x" > "$WORK/$x.out" 2>&1; done
 else  # small models: the GPU runs them together
     pids=()
-    for x in c d f; do "step_$x" > "$WORK/$x.out" 2>&1 & pids+=($!); done
-    wait "${pids[@]}"
+    for x in "${steps[@]}"; do "step_$x" > "$WORK/$x.out" 2>&1 & pids+=($!); done
+    ((${#pids[@]})) && wait "${pids[@]}"
 fi
-cat "$WORK/c.out" "$WORK/d.out" "$WORK/f.out"
+for x in "${steps[@]}"; do cat "$WORK/$x.out"; done
+
+# ----------------------------------------------------------------------------------------------
+# g. DeepSpeed ZeRO-2 through accelerate_configs/deepspeed_zero2.yaml, one process (NCCL): A 40
+# steps straight, B 20 + resume to 40, compared; a plain process continues A. Then the full preset,
+# 150 steps without sampling, under DeepSpeed and under single_gpu.yaml: median images/s of each.
+
+step_g() {
+    local G=$WORK/g t procs=1
+    [ "$CPU_MODE" = 1 ] && procs=2
+    local launch=(env ACCELERATE_USE_CPU="$CPU_MODE" "$PY" -m accelerate.commands.launch --config_file
+                  accelerate_configs/deepspeed_zero2.yaml --num_processes "$procs" --main_process_port 0 trainer/train.py)
+    t=$(limit 150)
+    if ((t == 0)); then
+        result g.zero SKIP "no time left in the budget"
+        return
+    fi
+    if logged g_A "$t" "${launch[@]}" "${SMALL[@]}" --train_num_steps 40 --save_and_sample_every 20 \
+            --results_path "$G" --run_name A \
+        && logged g_B "$t" "${launch[@]}" "${SMALL[@]}" --train_num_steps 20 --save_and_sample_every 20 \
+            --results_path "$G" --run_name B \
+        && logged g_B_resume "$t" "${launch[@]}" --resume "$G/B" --train_num_steps 40 --results_path "$G" \
+        && grep -q 'DeepSpeed ZeRO-2' "$WORK/logs/g_A.log"; then
+        grep -E '^device:' "$WORK/logs/g_A.log" | sed 's/^/    /'
+        m=$(check metrics "$G/A") || { result g.zero FAIL "non-finite loss: $m"; return; }
+        out=$(check compare "$G/A/checkpoints/step-00000040" "$G/B/checkpoints/step-00000040")
+        echo "$out" | sed 's/^/    /'
+        result g.zero PASS "ZeRO-2 40 steps, resumed at 20: $(echo "$out" | tail -n 1); $m"
+    else
+        result g.zero FAIL "a DeepSpeed run failed (logs/g_*.log)"
+        for n in g_A g_B g_B_resume; do show "$n" 20; done
+        return
+    fi
+    if train g_A_plain "$t" --resume "$G/A" --train_num_steps 50 --results_path "$G" \
+        && grep -q 'one process' "$WORK/logs/g_A_plain.log"; then
+        result g.plain PASS "one process without DeepSpeed continued the DeepSpeed checkpoint to step 50"
+    else
+        result g.plain FAIL "continuing the DeepSpeed checkpoint without DeepSpeed failed (logs/g_A_plain.log)"
+        show g_A_plain 12
+    fi
+    local speed=(--train_num_steps 150 --save_and_sample_every 1000 --num_samples 0 --log_every 25 --report_to none)
+    [ "$CPU_MODE" = 1 ] && speed=("${SMALL[@]}" --train_num_steps 20 --num_samples 0 --log_every 5)
+    local single=(env ACCELERATE_USE_CPU="$CPU_MODE" "$PY" -m accelerate.commands.launch --config_file
+                  accelerate_configs/single_gpu.yaml --main_process_port 0 trainer/train.py)
+    [ "$CPU_MODE" = 1 ] && single=("$PY" trainer/train.py)
+    t=$(limit 100)
+    if ((t)) && logged g_speed_zero "$t" "${launch[@]}" "${speed[@]}" --results_path "$G" --run_name speed_zero \
+        && logged g_speed_single "$t" "${single[@]}" "${speed[@]}" --results_path "$G" --run_name speed_single; then
+        zs=$(check metrics "$G/speed_zero")
+        ss=$(check metrics "$G/speed_single")
+        echo "    DeepSpeed ZeRO-2: $zs"
+        echo "    single_gpu.yaml:  $ss"
+        result g.speed INFO "full preset images/s, DeepSpeed: ${zs##*samples/s}; plain: ${ss##*samples/s}"
+    else
+        result g.speed FAIL "a speed run failed or did not fit (logs/g_speed_*.log)"
+        show g_speed_zero 12
+        show g_speed_single 12
+    fi
+}
+
+if wanted g; then
+    say "g. DeepSpeed ZeRO-2: train, resume, continue without DeepSpeed; images/s against one plain GPU"
+    step_g > "$WORK/g.out" 2>&1
+    cat "$WORK/g.out"
+fi
 
 # ----------------------------------------------------------------------------------------------
 # e. The benchmark: Eddy against lucidrains (training step, sampling), then torch.compile last. Its
@@ -562,7 +639,9 @@ else
 fi
 say "e. python benchmarks/train_step.py ${E_FLAGS[*]} --json $OUTDIR/bench.json"
 t=$(limit 240)
-if ((t)); then
+if ! wanted e; then
+    result e.bench SKIP "not in GPU_CHECK_ONLY"
+elif ((t)); then
     logged e "$t" "$PY" benchmarks/train_step.py "${E_FLAGS[@]}" --json "$OUTDIR/bench.json"
     rc=$?
     grep -E '^(note|training step|sampling|  [0-9]|  FAILED)' "$WORK/logs/e.log" | sed 's/^/    /'
