@@ -17,6 +17,7 @@ if __package__ in (None, ""):
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
+import gc  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
 import uuid  # noqa: E402
@@ -215,6 +216,12 @@ def run(args: dict[str, Any]) -> Path:
 
         if os.environ.get("WANDB_MODE") == "offline":
             say(f"W&B run saved offline in {tracker.location}; upload it with: wandb sync {tracker.location}")
+    # Free the wrapped network, its optimizer and their pending collective work while the interpreter is
+    # whole, then close the process group: a gloo work object destroyed during interpreter shutdown
+    # aborts the process ("terminate called without an active exception") after a finished run.
+    del trainer
+    accelerator.free_memory()
+    gc.collect()
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return run_dir

@@ -18,6 +18,7 @@ import importlib.util
 import json
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, MutableMapping
 
 import torch
@@ -88,7 +89,7 @@ def plan_from_env(environ: MutableMapping[str, str] = os.environ) -> ZeroPlan | 
     path = taken.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "")
     if path and path.lower() != "none":
         try:
-            user = json.loads(open(path).read())
+            user = json.loads(Path(path).read_text())
         except (OSError, ValueError) as e:
             raise ConfigError(f"deepspeed_config_file {path}: cannot read it as JSON ({e}).") from e
         source = f"the DeepSpeed config {path}"
