@@ -512,44 +512,53 @@ step_d() {
 }
 
 # ----------------------------------------------------------------------------------------------
-# f. FSDP2 through accelerate_configs/fsdp.yaml, one process (NCCL, world of one): train 40 steps
-# straight (A) and 20 + resume to 40 (B), compare; then one plain process continues A's sharded
-# checkpoint (the checkpoint is a full state dict).
+# f (FSDP2, fsdp.yaml) and g (DeepSpeed ZeRO-2, deepspeed_zero2.yaml), each with one process (NCCL,
+# a world of one): train 40 steps straight (A) and 20 + resume to 40 (B), compare; then one plain
+# process continues A's checkpoint (a full state dict in every mode).
 
-step_f() {
-    local F=$WORK/f t
+launched() {  # CONFIG: sets LAUNCH to the accelerate launch of trainer/train.py with accelerate_configs/CONFIG
     local procs=1
     [ "$CPU_MODE" = 1 ] && procs=2  # one CPU process would form no process group: nothing to shard
-    local launch=(env ACCELERATE_USE_CPU="$CPU_MODE" "$PY" -m accelerate.commands.launch --config_file
-                  accelerate_configs/fsdp.yaml --num_processes "$procs" --main_process_port 0 trainer/train.py)
+    LAUNCH=(env ACCELERATE_USE_CPU="$CPU_MODE" "$PY" -m accelerate.commands.launch --config_file
+            "accelerate_configs/$1" --num_processes "$procs" --main_process_port 0 trainer/train.py)
+}
+
+launched_resume() {  # STEP CONFIG MARKER LABEL: the check above; returns non-zero when a run failed
+    local x=$1 config=$2 marker=$3 label=$4 dir=$WORK/$1 t
+    launched "$config"
+    local launch=("${LAUNCH[@]}")
     t=$(limit 120)
     if ((t == 0)); then
-        result f.fsdp SKIP "no time left in the budget"
-        return
+        result "$x.$label" SKIP "no time left in the budget"
+        return 1
     fi
-    if logged f_A "$t" "${launch[@]}" "${SMALL[@]}" --train_num_steps 40 --save_and_sample_every 20 \
-            --results_path "$F" --run_name A \
-        && logged f_B "$t" "${launch[@]}" "${SMALL[@]}" --train_num_steps 20 --save_and_sample_every 20 \
-            --results_path "$F" --run_name B \
-        && logged f_B_resume "$t" "${launch[@]}" --resume "$F/B" --train_num_steps 40 --results_path "$F" \
-        && grep -q 'FSDP2 over' "$WORK/logs/f_A.log"; then
-        grep -E '^device:' "$WORK/logs/f_A.log" | sed 's/^/    /'
-        m=$(check metrics "$F/A") || { result f.fsdp FAIL "non-finite loss: $m"; return; }
-        out=$(check compare "$F/A/checkpoints/step-00000040" "$F/B/checkpoints/step-00000040")
+    if logged "${x}_A" "$t" "${launch[@]}" "${SMALL[@]}" --train_num_steps 40 --save_and_sample_every 20 \
+            --results_path "$dir" --run_name A \
+        && logged "${x}_B" "$t" "${launch[@]}" "${SMALL[@]}" --train_num_steps 20 --save_and_sample_every 20 \
+            --results_path "$dir" --run_name B \
+        && logged "${x}_B_resume" "$t" "${launch[@]}" --resume "$dir/B" --train_num_steps 40 --results_path "$dir" \
+        && grep -q "$marker" "$WORK/logs/${x}_A.log"; then
+        grep -E '^device:' "$WORK/logs/${x}_A.log" | sed 's/^/    /'
+        m=$(check metrics "$dir/A") || { result "$x.$label" FAIL "non-finite loss: $m"; return 1; }
+        out=$(check compare "$dir/A/checkpoints/step-00000040" "$dir/B/checkpoints/step-00000040")
         echo "$out" | sed 's/^/    /'
-        result f.fsdp PASS "sharded 40 steps, resumed sharded at 20: $(echo "$out" | tail -n 1); $m"
+        result "$x.$label" PASS "$config, 40 steps, resumed at 20: $(echo "$out" | tail -n 1); $m"
     else
-        result f.fsdp FAIL "an FSDP run failed (logs/f_*.log)"
-        for n in f_A f_B f_B_resume; do show "$n" 12; done
-        return
+        result "$x.$label" FAIL "a run with $config failed (logs/${x}_*.log)"
+        for n in "${x}_A" "${x}_B" "${x}_B_resume"; do show "$n" 20; done
+        return 1
     fi
-    if train f_A_plain "$t" --resume "$F/A" --train_num_steps 50 --results_path "$F" \
-        && grep -q 'one process' "$WORK/logs/f_A_plain.log"; then
-        result f.plain PASS "one unsharded process continued the FSDP checkpoint to step 50"
+    if train "${x}_A_plain" "$t" --resume "$dir/A" --train_num_steps 50 --results_path "$dir" \
+        && grep -q 'one process' "$WORK/logs/${x}_A_plain.log"; then
+        result "$x.plain" PASS "one plain process continued the $config checkpoint to step 50"
     else
-        result f.plain FAIL "continuing the FSDP checkpoint without FSDP failed (logs/f_A_plain.log)"
-        show f_A_plain 12
+        result "$x.plain" FAIL "continuing the $config checkpoint in one plain process failed (logs/${x}_A_plain.log)"
+        show "${x}_A_plain" 12
     fi
+}
+
+step_f() {
+    launched_resume f fsdp.yaml 'FSDP2 over' fsdp
 }
 
 say "c. fp16 + GradScaler + resume, bf16, no mixed precision; d. resume on the device; f. FSDP2 (side by side)"
@@ -565,50 +574,23 @@ fi
 for x in "${steps[@]}"; do cat "$WORK/$x.out"; done
 
 # ----------------------------------------------------------------------------------------------
-# g. DeepSpeed ZeRO-2 through accelerate_configs/deepspeed_zero2.yaml, one process (NCCL): A 40
-# steps straight, B 20 + resume to 40, compared; a plain process continues A. Then the full preset,
-# 150 steps without sampling, under DeepSpeed and under single_gpu.yaml: median images/s of each.
+# g. DeepSpeed ZeRO-2: the resume check (above), then the full preset, 150 steps without sampling,
+# under DeepSpeed and under single_gpu.yaml, one after the other: median images/s of each.
 
 step_g() {
-    local G=$WORK/g t procs=1
-    [ "$CPU_MODE" = 1 ] && procs=2
-    local launch=(env ACCELERATE_USE_CPU="$CPU_MODE" "$PY" -m accelerate.commands.launch --config_file
-                  accelerate_configs/deepspeed_zero2.yaml --num_processes "$procs" --main_process_port 0 trainer/train.py)
-    t=$(limit 150)
-    if ((t == 0)); then
-        result g.zero SKIP "no time left in the budget"
-        return
-    fi
-    if logged g_A "$t" "${launch[@]}" "${SMALL[@]}" --train_num_steps 40 --save_and_sample_every 20 \
-            --results_path "$G" --run_name A \
-        && logged g_B "$t" "${launch[@]}" "${SMALL[@]}" --train_num_steps 20 --save_and_sample_every 20 \
-            --results_path "$G" --run_name B \
-        && logged g_B_resume "$t" "${launch[@]}" --resume "$G/B" --train_num_steps 40 --results_path "$G" \
-        && grep -q 'DeepSpeed ZeRO-2' "$WORK/logs/g_A.log"; then
-        grep -E '^device:' "$WORK/logs/g_A.log" | sed 's/^/    /'
-        m=$(check metrics "$G/A") || { result g.zero FAIL "non-finite loss: $m"; return; }
-        out=$(check compare "$G/A/checkpoints/step-00000040" "$G/B/checkpoints/step-00000040")
-        echo "$out" | sed 's/^/    /'
-        result g.zero PASS "ZeRO-2 40 steps, resumed at 20: $(echo "$out" | tail -n 1); $m"
-    else
-        result g.zero FAIL "a DeepSpeed run failed (logs/g_*.log)"
-        for n in g_A g_B g_B_resume; do show "$n" 20; done
-        return
-    fi
-    if train g_A_plain "$t" --resume "$G/A" --train_num_steps 50 --results_path "$G" \
-        && grep -q 'one process' "$WORK/logs/g_A_plain.log"; then
-        result g.plain PASS "one process without DeepSpeed continued the DeepSpeed checkpoint to step 50"
-    else
-        result g.plain FAIL "continuing the DeepSpeed checkpoint without DeepSpeed failed (logs/g_A_plain.log)"
-        show g_A_plain 12
-    fi
+    launched_resume g deepspeed_zero2.yaml 'DeepSpeed ZeRO-2' zero || return
+    local G=$WORK/g t
+    launched deepspeed_zero2.yaml
+    local zero=("${LAUNCH[@]}")
+    launched single_gpu.yaml
+    local single=("${LAUNCH[@]}")
     local speed=(--train_num_steps 150 --save_and_sample_every 1000 --num_samples 0 --log_every 25 --report_to none)
-    [ "$CPU_MODE" = 1 ] && speed=("${SMALL[@]}" --train_num_steps 20 --num_samples 0 --log_every 5)
-    local single=(env ACCELERATE_USE_CPU="$CPU_MODE" "$PY" -m accelerate.commands.launch --config_file
-                  accelerate_configs/single_gpu.yaml --main_process_port 0 trainer/train.py)
-    [ "$CPU_MODE" = 1 ] && single=("$PY" trainer/train.py)
+    if [ "$CPU_MODE" = 1 ]; then
+        speed=("${SMALL[@]}" --train_num_steps 20 --num_samples 0 --log_every 5)
+        single=("$PY" trainer/train.py)
+    fi
     t=$(limit 100)
-    if ((t)) && logged g_speed_zero "$t" "${launch[@]}" "${speed[@]}" --results_path "$G" --run_name speed_zero \
+    if ((t)) && logged g_speed_zero "$t" "${zero[@]}" "${speed[@]}" --results_path "$G" --run_name speed_zero \
         && logged g_speed_single "$t" "${single[@]}" "${speed[@]}" --results_path "$G" --run_name speed_single; then
         zs=$(check metrics "$G/speed_zero")
         ss=$(check metrics "$G/speed_single")

@@ -17,6 +17,7 @@ master weights (trainer/zero.py). Checkpoints hold the full state, in the same l
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -261,53 +262,45 @@ class Trainer:
         return self.state
 
     def train_step(self, batches: Iterator[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward and backward over `--grad_accum` micro-batches. Returns (mean loss, gradient norm) on device."""
+        """Forward and backward over `--grad_accum` micro-batches. Returns (mean loss, gradient norm) on device.
+
+        Under DeepSpeed the engine also reduces, clips and steps after the last micro-batch, and skips
+        the step itself when the gradient is not finite (the norm it returns is then infinite)."""
         acc, t = self.accelerator, self.cfg.train
-        if self.zero:
-            return self._train_step_zero(batches)
         total = torch.zeros((), device=self.device)
         for micro in range(t.grad_accum):
             x = next(batches)
+            last = micro == t.grad_accum - 1
             if self.sharded:  # reduce-scatter the gradients on the last micro-batch only
-                self.net.set_requires_gradient_sync(micro == t.grad_accum - 1)
-            with acc.accumulate(self.model):
+                self.net.set_requires_gradient_sync(last)
+            if self.zero:
+                self.model.set_gradient_accumulation_boundary(last)
+            # The engine accumulates and autocasts by itself (zero.initialize); a prepared model
+            # autocasts by itself too, and acc.autocast() covers the sharded one.
+            with contextlib.nullcontext() if self.zero else acc.accumulate(self.model):
                 seed = mix_seed(t.seed, _TRAIN, self.state.step, micro, acc.process_index, self.state.rollbacks)
                 torch.manual_seed(seed)  # dropout draws from the global RNG
                 g = torch.Generator(device=self.device).manual_seed(seed)
                 x = self._augment(x, g)
-                with acc.autocast():  # a prepared model autocasts by itself; the sharded one is not prepared
+                with contextlib.nullcontext() if self.zero else acc.autocast():
                     loss = self.model(x, generator=g)
                 if self.faults("nan_loss", self.state.step):
                     loss = loss * float("nan")
-                acc.backward(loss)
+                if self.zero:
+                    self.model.backward(loss)  # scaled by 1/grad_accum inside
+                else:
+                    acc.backward(loss)
                 total += loss.detach()
+        if self.zero:
+            self.model.step()
+            norm = self.model.get_global_grad_norm()
+            return total / t.grad_accum, torch.as_tensor(float("inf") if norm is None else norm,
+                                                         dtype=torch.float32, device=self.device)
         max_norm = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
         grad_norm = acc.clip_grad_norm_(self.net.parameters(), max_norm)
         if self.sharded:  # the norm of sharded gradients is a DTensor
             grad_norm = sharding.full_tensor(grad_norm)
         return total / t.grad_accum, grad_norm.detach().float()
-
-    def _train_step_zero(self, batches: Iterator[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """`train_step` under DeepSpeed: the engine reduces, clips and steps after the last micro-batch. It
-        skips the step itself when the gradient is not finite; the norm it returns is then infinite."""
-        acc, t, engine = self.accelerator, self.cfg.train, self.model
-        total = torch.zeros((), device=self.device)
-        for micro in range(t.grad_accum):
-            x = next(batches)
-            engine.set_gradient_accumulation_boundary(micro == t.grad_accum - 1)
-            seed = mix_seed(t.seed, _TRAIN, self.state.step, micro, acc.process_index, self.state.rollbacks)
-            torch.manual_seed(seed)
-            g = torch.Generator(device=self.device).manual_seed(seed)
-            x = self._augment(x, g)
-            loss = engine(x, generator=g)  # autocast inside (zero.initialize)
-            if self.faults("nan_loss", self.state.step):
-                loss = loss * float("nan")
-            engine.backward(loss)  # scaled by 1/grad_accum inside
-            total += loss.detach()
-        engine.step()
-        norm = engine.get_global_grad_norm()
-        norm = torch.as_tensor(float("inf") if norm is None else norm, dtype=torch.float32, device=self.device)
-        return total / t.grad_accum, norm
 
     def _update_ema(self) -> None:
         """One EMA update. Under DeepSpeed the EMA reads the fp32 masters: gathered first when it will read them."""
