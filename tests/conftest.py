@@ -56,6 +56,15 @@ def python(*args: str, **kw) -> subprocess.CompletedProcess:
     return script(sys.executable, *args, **kw)
 
 
+def config_launch(config: str, *args: str, launcher_flags: tuple[str, ...] = (),
+                  env: dict | None = None) -> subprocess.CompletedProcess:
+    """trainer/train.py on the tiny config in two CPU processes launched with accelerate_configs/CONFIG,
+    as a user launches it on GPUs."""
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", f"accelerate_configs/{config}",
+                "--num_processes", "2", "--main_process_port", "0", *launcher_flags]
+    return script(*launcher, "trainer/train.py", *TINY, *args, env={"ACCELERATE_USE_CPU": "true", **(env or {})})
+
+
 def accelerate_launch(*args: str, num_processes: int = 2, **kw) -> subprocess.CompletedProcess:
     """Two CPU processes that form one gloo world (the launch recipe from the README)."""
     env = {"ACCELERATE_USE_CPU": "true", **kw.pop("env", {})}

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import TINY, script, train
+from conftest import TINY, config_launch, train
 from test_multiprocess import launch_ok
 from test_train import assert_same, final_weights
 from trainer.checkpoint import list_checkpoints
@@ -29,12 +28,9 @@ ATOL = 5e-5
 COMMON = ["--grad_accum", "2", "--save_and_sample_every", "3", "--dropout", "0.1", "--num_samples", "3"]
 
 
-def ds_launch(*args: str, launcher_flags: tuple[str, ...] = (), ok: bool = True) -> subprocess.CompletedProcess:
-    """Two CPU processes launched with the DeepSpeed config, as a user launches them on GPUs."""
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                "accelerate_configs/deepspeed_zero2.yaml", "--num_processes", "2", "--main_process_port", "0",
-                "--mixed_precision", "no", *launcher_flags]
-    result = script(*launcher, "trainer/train.py", *TINY, *args, env={"ACCELERATE_USE_CPU": "true"})
+def ds_launch(*args: str, launcher_flags: tuple[str, ...] = (), env: dict | None = None,
+              ok: bool = True) -> subprocess.CompletedProcess:
+    result = config_launch("deepspeed_zero2.yaml", *args, launcher_flags=launcher_flags, env=env)
     if ok:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
@@ -169,12 +165,8 @@ def test_deepspeed_learns_what_ddp_learns_resumes_bit_exactly_and_shares_checkpo
 
 @pytest.mark.slow
 def test_bf16_under_deepspeed_skips_a_nonfinite_step_and_keeps_fp32_masters(tmp_path):
-    out = script(sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                 "accelerate_configs/deepspeed_zero2.yaml", "--num_processes", "2", "--main_process_port", "0",
-                 "trainer/train.py", *TINY, "--mixed_precision", "bf16", "--results_path", str(tmp_path),
-                 "--run_name", "r", "--train_num_steps", "5", "--save_and_sample_every", "5",
-                 env={"ACCELERATE_USE_CPU": "true", "EDDY_INJECT_FAULTS": "nan_loss@2"})
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    out = ds_launch("--mixed_precision", "bf16", "--results_path", str(tmp_path), "--run_name", "r",
+                    "--train_num_steps", "5", "--save_and_sample_every", "5", env={"EDDY_INJECT_FAULTS": "nan_loss@2"})
     assert "mixed precision bf16, DeepSpeed ZeRO-2" in out.stdout
     assert "step 2: non-finite loss or gradient norm; step skipped (1 so far)" in out.stdout
     state = json.loads((list_checkpoints(tmp_path / "r")[-1] / "state.json").read_text())

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import pytest
 
-from conftest import TINY, script, train
+from conftest import TINY, config_launch, train
 from test_multiprocess import launch_ok
 from test_train import assert_same, final_weights
 from trainer.checkpoint import list_checkpoints
@@ -24,10 +23,7 @@ COMMON = ["--grad_accum", "2", "--save_and_sample_every", "3", "--dropout", "0.1
 
 
 def fsdp_launch(*args: str, launcher_flags: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    """Two CPU processes launched with the FSDP config, as a user launches them on GPUs."""
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/fsdp.yaml",
-                "--num_processes", "2", "--main_process_port", "0", *launcher_flags]
-    result = script(*launcher, "trainer/train.py", *TINY, *COMMON, *args, env={"ACCELERATE_USE_CPU": "true"})
+    result = config_launch("fsdp.yaml", *COMMON, *args, launcher_flags=launcher_flags)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
@@ -58,11 +54,8 @@ def test_unsupported_fsdp_settings_are_refused_by_name(env, named):
 
 
 def test_a_block_class_the_network_lacks_and_fp16_are_refused_before_training(tmp_path):
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/fsdp.yaml",
-                "--num_processes", "2", "--main_process_port", "0", "--fsdp_transformer_layer_cls_to_wrap",
-                "TransformerBlock"]
-    result = script(*launcher, "trainer/train.py", *TINY, "--results_path", str(tmp_path), "--run_name", "r",
-                    env={"ACCELERATE_USE_CPU": "true"})
+    result = config_launch("fsdp.yaml", "--results_path", str(tmp_path), "--run_name", "r",
+                           launcher_flags=("--fsdp_transformer_layer_cls_to_wrap", "TransformerBlock"))
     assert result.returncode != 0
     assert "fsdp_transformer_layer_cls_to_wrap names TransformerBlock" in result.stdout + result.stderr
     assert not list_checkpoints(tmp_path / "r")

@@ -168,15 +168,14 @@ class Trainer:
                                       weight_decay=t.weight_decay, **opt_kwargs)
         if self.sharded:  # sharded above: Accelerate must not wrap it in DDP
             self.model, self.optimizer = diffusion, accelerator.prepare(optimizer)
-            self.diffusion = diffusion
         elif self.zero:  # the engine steps the ZeRO optimizer itself
             self.model, self.optimizer = zero.initialize(diffusion, optimizer, zero_plan, cfg, accelerator.num_processes,
                                                          bf16=accelerator.mixed_precision == "bf16", device=self.device)
-            self.diffusion = diffusion
         else:
             self.model, self.optimizer = accelerator.prepare(diffusion, optimizer)
-            # (Not accelerator.unwrap_model, which imports DeepSpeed, when installed, on every run.)
-            self.diffusion = diffusion
+        # Wrapped in place in every mode. (Not accelerator.unwrap_model, which imports DeepSpeed, when
+        # installed, on every run.)
+        self.diffusion = diffusion
 
         self.sampler = ResumableBatchSampler(len(dataset), t.batch_size, accelerator.process_index,
                                              accelerator.num_processes, t.seed)
