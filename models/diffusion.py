@@ -1,8 +1,9 @@
-"""Gaussian diffusion over `[B, C, *spatial]` tensors: schedules, objectives, loss and samplers.
+"""Gaussian diffusion over `[B, C, *spatial]` tensors: schedules, objectives, loss and sampling.
 
 Notation follows Ho et al. 2020: beta_t, alpha_t = 1 - beta_t, alpha_bar_t = prod_{s<=t} alpha_s,
 x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps. Timesteps are 0-based: t in [0, T).
 Data is in model space ([-1, 1] for images, standardized for physical fields); nothing here rescales it.
+The samplers themselves are pure functions in `models/sampling.py`.
 """
 
 import hashlib
@@ -12,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange, reduce
 from torch import nn
-from tqdm.auto import tqdm
 
 from models.layers import default
+from models.sampling import sampler_by_name, time_grid
 
 OBJECTIVES = ("pred_noise", "pred_x0", "pred_v")
 LOSS_TYPES = ("l1", "l2")
@@ -77,63 +78,6 @@ def randn(shape, *, generator, device, dtype=torch.float32):
     return torch.randn(shape, generator=generator, device=device, dtype=dtype)
 
 
-def ddim_timesteps(timesteps, sampling_timesteps):
-    """Pairs (t, t_next) over `sampling_timesteps` evenly spaced steps from T-1 down to 0 (both included);
-    t_next = -1 marks the final step, which returns the x0 estimate at t = 0."""
-    times = torch.linspace(timesteps - 1, 0, sampling_timesteps, dtype=torch.float64).round().long().tolist()
-    return list(zip(times, times[1:] + [-1]))
-
-
-# Samplers: x_T -> x_0 in model space. One signature; `diffusion` supplies the schedule and conversions.
-
-
-def ddpm_sample(diffusion, x_T, *, model, cond, generator, progress):
-    """Ancestral sampling (Ho et al. 2020, Algorithm 2) through the posterior q(x_{t-1} | x_t, x0_hat):
-    x_{t-1} = mu~_t(x0_hat, x_t) + sigma_t z, with mu~_t and sigma_t^2 = beta~_t from eq. 6-7, z = 0 at t = 0."""
-    x, x0 = x_T, None
-    batch = x.shape[0]
-    steps = reversed(range(diffusion.num_timesteps))
-    for time in tqdm(steps, total=diffusion.num_timesteps, disable=not progress, desc="sampling", leave=False):
-        t = torch.full((batch,), time, device=x.device, dtype=torch.long)
-        self_cond = x0 if diffusion.self_condition else None
-        _, x0 = diffusion.model_predictions(
-            x, t, model=model, cond=cond, x_self_cond=self_cond, clip_x0=diffusion.clip_denoised
-        )
-        mean, _, log_variance = diffusion.q_posterior(x0, x, t)
-        if time == 0:
-            x = mean
-        else:
-            z = randn(x.shape, generator=generator, device=x.device)
-            x = mean + (0.5 * log_variance).exp() * z
-    return x
-
-
-def ddim_sample(diffusion, x_T, *, model, cond, generator, progress, times, eta):
-    """DDIM (Song et al. 2021, eq. 12), writing a_t for alpha_bar_t and s for the next (earlier) step:
-    x_s = sqrt(a_s) x0_hat + sqrt(1 - a_s - sigma^2) eps_hat + sigma z,
-    sigma = eta sqrt((1 - a_s) / (1 - a_t)) sqrt(1 - a_t / a_s) (eq. 16). eta = 0 is deterministic,
-    eta = 1 matches DDPM's posterior noise. `times` comes from `ddim_timesteps`."""
-    x, x0 = x_T, None
-    batch = x.shape[0]
-    for time, time_next in tqdm(times, disable=not progress, desc="sampling", leave=False):
-        t = torch.full((batch,), time, device=x.device, dtype=torch.long)
-        self_cond = x0 if diffusion.self_condition else None
-        eps, x0 = diffusion.model_predictions(
-            x, t, model=model, cond=cond, x_self_cond=self_cond, clip_x0=diffusion.clip_denoised
-        )
-        if time_next < 0:
-            x = x0
-            continue
-        a_t = diffusion.alphas_cumprod[time]
-        a_s = diffusion.alphas_cumprod[time_next]
-        sigma = eta * ((1 - a_t / a_s) * (1 - a_s) / (1 - a_t)).sqrt()
-        c = (1 - a_s - sigma**2).clamp(min=0).sqrt()
-        x = a_s.sqrt() * x0 + c * eps
-        if eta > 0:
-            x = x + sigma * randn(x.shape, generator=generator, device=x.device)
-    return x
-
-
 class GaussianDiffusion(nn.Module):
     """Wraps a denoising network; `forward(x0)` returns the training loss, `sample(n)` generates.
 
@@ -142,7 +86,8 @@ class GaussianDiffusion(nn.Module):
             `channels` and `self_condition`.
         sample_shape: shape of one sample, `(C, *spatial)`.
         timesteps: number of diffusion steps T.
-        sampling_timesteps: default steps for `sample()`; None or T -> ancestral DDPM, fewer -> DDIM.
+        sampling_timesteps: default steps for `sample()` (default T).
+        sampler: default sampler of `sample()`, one of `models.sampling.SAMPLER_NAMES`.
         objective: what the network predicts: "pred_noise" (eps), "pred_x0" or "pred_v"
             (v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0, Salimans & Ho 2022).
         beta_schedule: "linear", "cosine" or "sigmoid".
@@ -153,6 +98,15 @@ class GaussianDiffusion(nn.Module):
         offset_noise_strength: add this times a per-(sample, channel) constant normal to the noise.
         ddim_eta: default eta of DDIM sampling.
         clip_denoised: clamp predicted x0 to [-1, 1] while sampling; False for unbounded fields.
+        cond_steps: for clips `[B, C, F, H, W]`, the first `cond_steps` frames are given, not generated:
+            the default mask of known entries (see below).
+
+    Known entries. A boolean mask `known` (broadcastable to x0) marks entries that are given rather than
+    generated: the first frames of a forecast, the observed pixels of an inpainting, a given initial
+    state laid out along any axis. In training they replace the noisy entries of x_t (the network sees
+    them clean) and carry no loss; in every sampler they start clean and are written back after each
+    step, so they come out exactly as they went in. Static fields that are never generated are no
+    known entries but conditions (`cond["fields"]`, models/cond.py).
     """
 
     def __init__(
@@ -162,6 +116,7 @@ class GaussianDiffusion(nn.Module):
         sample_shape,
         timesteps=1000,
         sampling_timesteps=None,
+        sampler="ddim",
         objective="pred_v",
         beta_schedule="sigmoid",
         schedule_kwargs=None,
@@ -171,6 +126,7 @@ class GaussianDiffusion(nn.Module):
         offset_noise_strength=0.0,
         ddim_eta=0.0,
         clip_denoised=True,
+        cond_steps=0,
     ):
         super().__init__()
         if objective not in OBJECTIVES:
@@ -179,7 +135,11 @@ class GaussianDiffusion(nn.Module):
             raise ValueError(f"unknown beta_schedule {beta_schedule!r}; valid: {', '.join(BETA_SCHEDULES)}")
         if loss_type not in LOSS_TYPES:
             raise ValueError(f"unknown loss_type {loss_type!r}; valid: {', '.join(LOSS_TYPES)}")
+        sampler_by_name(sampler)  # raises on an unknown name
         sample_shape = tuple(sample_shape)
+        if cond_steps and (len(sample_shape) != 4 or not 0 < cond_steps < sample_shape[1]):
+            raise ValueError(f"cond_steps={cond_steps} needs clips (sample_shape (C, F, H, W)) with more than "
+                             f"cond_steps frames, got sample_shape {sample_shape}")
         if sample_shape[0] != model.channels:
             raise ValueError(
                 f"sample_shape {sample_shape} starts with {sample_shape[0]} channels but the network has "
@@ -194,7 +154,9 @@ class GaussianDiffusion(nn.Module):
         self.loss_type = loss_type
         self.offset_noise_strength = offset_noise_strength
         self.ddim_eta = ddim_eta
+        self.sampler = sampler
         self.clip_denoised = clip_denoised
+        self.cond_steps = cond_steps
 
         betas = BETA_SCHEDULES[beta_schedule](timesteps, **default(schedule_kwargs, {}))
         self.num_timesteps = len(betas)
@@ -232,8 +194,26 @@ class GaussianDiffusion(nn.Module):
             "snr": snr,
             "loss_weight": loss_weight,
         }
+        # The float64 originals stay on the host (not buffers): sampling grids are built from them, and
+        # `keep_schedule_fp32` restores the buffers from them after a cast.
+        self._schedule64 = schedule
         for name, value in schedule.items():
             self.register_buffer(name, value.float(), persistent=False)
+
+    def keep_schedule_fp32(self):
+        """Put the schedule buffers back in fp32 wherever a cast changed them. In bf16 the schedule breaks:
+        alpha_bar[0:6] rounds to exactly 1.0 and DDPM samples move by up to 0.27. `module.to(dtype)`,
+        `.bfloat16()` and `.half()` call this through `_apply`; a training engine that casts buffers in
+        another way is followed by an explicit call (trainer/parallel/zero.py)."""
+        for name, value in self._schedule64.items():
+            buffer = getattr(self, name)
+            if buffer.dtype != torch.float32:
+                setattr(self, name, value.to(buffer.device, torch.float32))
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self.keep_schedule_fp32()
+        return self
 
     def _check_sampling_timesteps(self, steps):
         if not 1 <= steps <= self.num_timesteps:
@@ -306,8 +286,17 @@ class GaussianDiffusion(nn.Module):
 
     # Training.
 
-    def forward(self, x0, *, cond=None, generator=None):
-        """Training loss (fp32 scalar) at random t ~ U{0..T-1}; draws use `generator` when given."""
+    def known_mask(self, x):
+        """The default known entries of a batch shaped like `x`: its first `cond_steps` frames, or None."""
+        if not self.cond_steps:
+            return None
+        mask = torch.zeros((1, 1, x.shape[2], *(1,) * (x.ndim - 3)), dtype=torch.bool, device=x.device)
+        mask[:, :, : self.cond_steps] = True
+        return mask
+
+    def forward(self, x0, *, cond=None, known=None, generator=None):
+        """Training loss (fp32 scalar) at random t ~ U{0..T-1}; draws use `generator` when given.
+        `known` (default `known_mask(x0)`) marks the given entries of x0, which carry no loss."""
         batch, device = x0.shape[0], x0.device
         t = torch.randint(0, self.num_timesteps, (batch,), device=device, generator=generator)
         noise = randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
@@ -316,12 +305,14 @@ class GaussianDiffusion(nn.Module):
             noise = noise + self.offset_noise_strength * randn(
                 offset_shape, generator=generator, device=device, dtype=x0.dtype
             )
-        return self.p_losses(x0, t, noise, cond=cond, generator=generator)
+        return self.p_losses(x0, t, noise, cond=cond, known=default(known, self.known_mask(x0)), generator=generator)
 
-    def p_losses(self, x0, t, noise, *, cond=None, generator=None):
+    def p_losses(self, x0, t, noise, *, cond=None, known=None, generator=None):
         """Loss at given timesteps t [B] and noise (shaped like x0); `generator` only feeds the
-        self-conditioning coin."""
+        self-conditioning coin. Known entries of x_t are x0's own, and the loss averages over the others."""
         x_t = self.q_sample(x0, t, noise)
+        if known is not None:
+            x_t = torch.where(known, x0, x_t)
 
         # Self-conditioning (Chen et al. 2022): half the time, condition on a detached x0 estimate.
         x_self_cond = None
@@ -329,6 +320,8 @@ class GaussianDiffusion(nn.Module):
             with torch.no_grad():
                 _, x_self_cond = self.model_predictions(x_t, t, cond=cond)
             x_self_cond = x_self_cond.detach().to(x0.dtype)
+            if known is not None:
+                x_self_cond = torch.where(known, x0, x_self_cond)
 
         model_out = self.model(x_t, t, cond=cond, x_self_cond=x_self_cond).float()
         if self.objective == "pred_noise":
@@ -343,7 +336,11 @@ class GaussianDiffusion(nn.Module):
             loss = F.l1_loss(model_out, target, reduction="none")
         else:
             loss = F.mse_loss(model_out, target, reduction="none")
-        loss = reduce(loss, "b ... -> b", "mean")
+        if known is None:
+            loss = reduce(loss, "b ... -> b", "mean")
+        else:  # the mean over each sample's generated entries; known ones get no gradient
+            weight = (~known).expand_as(loss).float()
+            loss = reduce(loss * weight, "b ... -> b", "sum") / reduce(weight, "b ... -> b", "sum").clamp(min=1)
         return (loss * extract(self.loss_weight, t, loss.shape)).mean()
 
     @staticmethod
@@ -361,24 +358,74 @@ class GaussianDiffusion(nn.Module):
 
     # Sampling.
 
+    def denoiser(self, model=None, cond=None, known=None, x_known=None):
+        """The closure `denoise(x_t, t) -> (eps_hat, x0_hat)` (fp32) that the samplers call, for an integer
+        timestep t. With self-conditioning (Chen et al. 2022) each call gets the previous call's x0_hat as
+        `x_self_cond`; a new closure starts without one. Known entries of x0_hat are `x_known`'s own."""
+        x0_prev = None
+
+        def denoise(x, t):
+            nonlocal x0_prev
+            time = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+            eps, x0 = self.model_predictions(
+                x, time, model=model, cond=cond, x_self_cond=x0_prev, clip_x0=self.clip_denoised
+            )
+            if known is not None:
+                x0 = torch.where(known, x_known, x0)
+            if self.self_condition:
+                x0_prev = x0
+            return eps, x0
+
+        return denoise
+
     @torch.no_grad()
-    def sample(self, batch_size, *, model=None, cond=None, generator=None, sampling_timesteps=None, eta=None,
-               progress=False):
+    def sample(self, batch_size, *, model=None, cond=None, x_known=None, known=None, generator=None, sampler=None,
+               sampling_timesteps=None, eta=None, progress=False, after_step=None):
         """Generate `[batch_size, *sample_shape]` in model space.
 
         Args:
             model: network to sample with (e.g. the EMA copy); default the trained one.
-            cond: static condition passed to the network as `cond=`.
+            cond: the condition dict passed to the network (models/cond.py).
+            x_known: `[batch_size, *sample_shape]` holding the given entries (the first frames of a forecast);
+                they come out exactly as they went in.
+            known: boolean mask of the given entries, broadcastable to x (default: `known_mask`, the
+                first `cond_steps` frames).
             generator: torch.Generator on the buffers' device for every random draw.
-            sampling_timesteps: steps; fewer than `timesteps` uses DDIM (default: the constructor's).
-            eta: DDIM noise scale (default: the constructor's `ddim_eta`).
+            sampler: a name in `models.sampling.SAMPLER_NAMES` (default: the constructor's).
+            sampling_timesteps: network evaluations, in [1, timesteps] (default: the constructor's).
+            eta: DDIM noise scale (default: the constructor's `ddim_eta`); only the "ddim" sampler takes it.
             progress: show a tqdm bar.
+            after_step: `after_step(x, i) -> x`, applied to the state after each step i (see `models.sampling`),
+                after the known entries are written back.
         """
-        model = default(model, self.model)
-        steps = self._check_sampling_timesteps(default(sampling_timesteps, self.sampling_timesteps))
-        eta = default(eta, self.ddim_eta)
-        x_T = randn((batch_size, *self.sample_shape), generator=generator, device=self.betas.device)
-        common = dict(model=model, cond=cond, generator=generator, progress=progress)
-        if steps < self.num_timesteps:
-            return ddim_sample(self, x_T, **common, times=ddim_timesteps(self.num_timesteps, steps), eta=eta)
-        return ddpm_sample(self, x_T, **common)
+        sampler = default(sampler, self.sampler)
+        sample_fn = sampler_by_name(sampler)
+        options = {}
+        if sampler == "ddim":
+            options["eta"] = default(eta, self.ddim_eta)
+        elif eta:
+            raise ValueError(f"eta={eta} only applies to the ddim sampler; sampler {sampler!r} takes no eta")
+        grid = time_grid(self._schedule64["alphas_cumprod"], default(sampling_timesteps, self.sampling_timesteps))
+        shape = (batch_size, *self.sample_shape)
+        x_T = randn(shape, generator=generator, device=self.betas.device)
+        if x_known is not None:
+            if tuple(x_known.shape) != shape:
+                raise ValueError(f"x_known must have the samples' shape {list(shape)}, got {list(x_known.shape)}")
+            known = default(known, self.known_mask(x_T))
+            if known is None:
+                raise ValueError("x_known was given but no mask of known entries: pass known=, or build the "
+                                 "diffusion with cond_steps")
+            x_known = x_known.to(x_T)
+            x_T = torch.where(known, x_known, x_T)
+            after_step = _write_back(known, x_known, after_step)
+        return sample_fn(self.denoiser(model, cond, known, x_known), x_T, grid, generator=generator,
+                         progress=progress, after_step=after_step, **options)
+
+
+def _write_back(known, x_known, after_step):
+    """An `after_step` hook that restores the known entries, then calls `after_step` if given."""
+    def hook(x, i):
+        x = torch.where(known, x_known, x)
+        return after_step(x, i) if after_step is not None else x
+
+    return hook

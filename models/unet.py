@@ -4,6 +4,7 @@ full attention at the deepest one, skip connections by concatenation."""
 import torch
 from torch import nn
 
+from models.cond import FIELDS, PARAMS, check_cond
 from models.layers import (
     Attention,
     Downsample,
@@ -20,7 +21,8 @@ from models.layers import (
 
 
 class Unet(nn.Module):
-    """Denoising network `net(x, t, cond=None, x_self_cond=None) -> [B, out_dim, H, W]`.
+    """Denoising network `net(x, t, *, cond=None, x_self_cond=None) -> [B, out_dim, H, W]`; `cond` as in
+    models/cond.py.
 
     Args:
         dim: base width; stage i has `dim * dim_mults[i]` channels.
@@ -28,7 +30,8 @@ class Unet(nn.Module):
         out_dim: output channels (default `channels`).
         dim_mults: width multipliers, one per resolution level.
         channels: channels of the generated data.
-        cond_channels: static condition channels concatenated to the input (never generated).
+        cond_channels: channels of `cond["fields"]`, concatenated to the input (never generated).
+        cond_dim: length of `cond["params"]`, embedded and added to the time embedding.
         self_condition: also take the previous x0 prediction as input (Chen et al. 2022).
         learned_sinusoidal_cond: learned Fourier features of t instead of fixed sinusoids.
         random_fourier_features: fixed random Fourier features of t.
@@ -41,6 +44,8 @@ class Unet(nn.Module):
         resnet_block_groups: GroupNorm groups; every width must be divisible by it.
     """
 
+    fsdp_units = (ResnetBlock, LinearAttention, Attention)  # one FSDP unit each (trainer/parallel/fsdp.py)
+
     def __init__(
         self,
         dim=64,
@@ -50,6 +55,7 @@ class Unet(nn.Module):
         dim_mults=(1, 2, 4, 8),
         channels=3,
         cond_channels=0,
+        cond_dim=0,
         self_condition=False,
         learned_sinusoidal_cond=False,
         random_fourier_features=False,
@@ -66,7 +72,7 @@ class Unet(nn.Module):
         if num_levels < 1:
             raise ValueError("Unet needs at least one entry in dim_mults")
         self.channels = channels
-        self.cond_channels = cond_channels
+        self.cond_channels, self.cond_dim = cond_channels, cond_dim
         self.self_condition = self_condition
         self.out_dim = default(out_dim, channels)
         self.downsample_factor = 2 ** (num_levels - 1)
@@ -93,6 +99,10 @@ class Unet(nn.Module):
             fourier_dim = dim
         self.time_mlp = nn.Sequential(
             pos_emb, nn.Linear(fourier_dim, time_dim), nn.GELU(), nn.Linear(time_dim, time_dim)
+        )
+        # Physical parameters: [B, cond_dim] -> [B, 4 * dim], added to the time embedding.
+        self.params_mlp = (
+            nn.Sequential(nn.Linear(cond_dim, time_dim), nn.GELU(), nn.Linear(time_dim, time_dim)) if cond_dim else None
         )
 
         # Per-level attention settings.
@@ -163,17 +173,9 @@ class Unet(nn.Module):
                 f"(2 ** (len(dim_mults) - 1)); use an image size that is a multiple of {factor} "
                 "or fewer dim_mults"
             )
-        if self.cond_channels > 0:
-            if not exists(cond) or cond.shape[1] != self.cond_channels or cond.shape[-2:] != x.shape[-2:]:
-                got = None if cond is None else tuple(cond.shape)
-                raise ValueError(
-                    f"Unet was built with cond_channels={self.cond_channels}: pass cond of shape "
-                    f"[B, {self.cond_channels}, {height}, {width}], got {got}"
-                )
-        elif exists(cond):
-            raise ValueError("Unet got cond but was built with cond_channels=0")
+        check_cond(cond, x, cond_channels=self.cond_channels, cond_dim=self.cond_dim, network="Unet")
 
-    def forward(self, x, t, cond=None, x_self_cond=None):
+    def forward(self, x, t, *, cond=None, x_self_cond=None):
         self._check_inputs(x, cond)
         if t.ndim == 0:
             t = t.expand(x.shape[0])
@@ -183,10 +185,12 @@ class Unet(nn.Module):
         if self.self_condition:
             inputs.append(x_self_cond.to(x.dtype) if exists(x_self_cond) else torch.zeros_like(x))
         if self.cond_channels > 0:
-            inputs.append(cond.to(x.dtype))
+            inputs.append(cond[FIELDS].to(x.dtype))
         x = self.init_conv(torch.cat(inputs, dim=1))
         r = x.clone()
         t = self.time_mlp(t)
+        if exists(self.params_mlp):
+            t = t + self.params_mlp(cond[PARAMS].to(t.dtype))
 
         skips = []
         for block1, block2, attn, downsample in self.downs:

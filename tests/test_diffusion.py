@@ -8,15 +8,8 @@ import torch
 from torch import nn
 
 from models import GaussianDiffusion, Unet
-from models.diffusion import (
-    cosine_beta_schedule,
-    ddim_sample,
-    ddim_timesteps,
-    ddpm_sample,
-    extract,
-    linear_beta_schedule,
-    sigmoid_beta_schedule,
-)
+from models.diffusion import cosine_beta_schedule, extract, linear_beta_schedule, sigmoid_beta_schedule
+from models.sampling import ddim, ddpm, time_grid
 
 
 class TinyNet3d(nn.Module):
@@ -146,6 +139,30 @@ def test_state_dict_holds_only_the_network():
     net = tiny_unet()
     diffusion = GaussianDiffusion(net, sample_shape=(3, 8, 8), timesteps=30)
     assert list(diffusion.state_dict()) == ["model." + key for key in net.state_dict()]
+
+
+@pytest.mark.parametrize("cast", [lambda m: m.bfloat16(), lambda m: m.half(), lambda m: m.to(torch.bfloat16),
+                                  lambda m: m.double()], ids=["bfloat16", "half", "to_bf16", "double"])
+def test_the_schedule_stays_fp32_whatever_the_module_is_cast_to(cast):
+    """In bf16, alpha_bar[0:6] would round to exactly 1 and the posterior coefficients would move."""
+    diffusion = GaussianDiffusion(tiny_unet(), sample_shape=(3, 8, 8), timesteps=1000)
+    before = {name: buf.clone() for name, buf in diffusion.named_buffers()}
+    cast(diffusion)
+    assert diffusion.model.init_conv.weight.dtype != torch.float32  # the network itself was cast
+    for name, buf in diffusion.named_buffers():
+        assert buf.dtype == torch.float32 and torch.equal(buf, before[name]), name
+    assert (diffusion.alphas_cumprod[:6] < 1).all()
+
+
+def test_keep_schedule_fp32_repairs_buffers_cast_behind_the_modules_back():
+    diffusion = GaussianDiffusion(tiny_unet(), sample_shape=(3, 8, 8), timesteps=1000)
+    reference = diffusion.posterior_mean_coef1.clone()
+    for buf in diffusion.buffers():  # as an engine that casts buffer data directly would
+        buf.data = buf.data.to(torch.bfloat16)
+    assert bool((diffusion.alphas_cumprod[:6] == 1).all())  # the damage the repair undoes
+    diffusion.keep_schedule_fp32()
+    assert all(buf.dtype == torch.float32 for buf in diffusion.buffers())
+    assert torch.equal(diffusion.posterior_mean_coef1, reference)
 
 
 # Conversions.
@@ -317,9 +334,9 @@ def test_loss_is_fp32_under_bf16_autocast():
 def test_cond_reaches_the_network():
     net = tiny_unet(cond_channels=1)
     diffusion = GaussianDiffusion(net, sample_shape=(3, 8, 8), timesteps=30, sampling_timesteps=3)
-    x0, cond = torch.randn(2, 3, 8, 8), torch.randn(2, 1, 8, 8)
+    x0, cond = torch.randn(2, 3, 8, 8), {"fields": torch.randn(2, 1, 8, 8)}
     a = diffusion(x0, cond=cond, generator=torch.Generator().manual_seed(0))
-    b = diffusion(x0, cond=-cond, generator=torch.Generator().manual_seed(0))
+    b = diffusion(x0, cond={"fields": -cond["fields"]}, generator=torch.Generator().manual_seed(0))
     assert not torch.equal(a, b)
     samples = diffusion.sample(2, cond=cond, generator=torch.Generator().manual_seed(0))
     assert samples.shape == (2, 3, 8, 8)
@@ -328,15 +345,21 @@ def test_cond_reaches_the_network():
 # Samplers.
 
 
-def test_ddim_timesteps():
-    pairs = ddim_timesteps(30, 4)
-    assert len(pairs) == 4
-    assert pairs[0][0] == 29 and pairs[-1] == (0, -1)
-    assert all(t > s for t, s in pairs)
-    assert [t for t, _ in pairs[1:]] == [s for _, s in pairs[:-1]]
-    assert [t for t, _ in pairs] == [29, 19, 10, 0]
-    assert [t for t, _ in ddim_timesteps(5, 5)] == [4, 3, 2, 1, 0]
-    assert ddim_timesteps(30, 1) == [(29, -1)]
+def _abar(T, schedule=sigmoid_beta_schedule):
+    return torch.cumprod(1 - schedule(T), 0)
+
+
+def test_time_grid_steps():
+    abar = _abar(30)
+    grid = time_grid(abar, 4)
+    assert len(grid.steps) == 4 and len(grid.alpha_bar) == 5
+    # From T-1 to t = 0; the last step goes on to the clean end (alpha_bar = 1), where it returns x0_hat.
+    assert grid.steps[0] == 29 and grid.steps[-1] == 0 and grid.alpha_bar[-1] == 1
+    assert all(t > s for t, s in zip(grid.steps, grid.steps[1:]))
+    assert torch.equal(grid.alpha_bar[:-1], abar[list(grid.steps)])
+    assert list(grid.steps) == [29, 19, 10, 0]
+    assert list(time_grid(_abar(5), 5).steps) == [4, 3, 2, 1, 0]
+    assert time_grid(abar, 1).steps == (29,) and grid.alpha_bar.dtype == torch.float64
 
 
 def test_ddpm_matches_ho_algorithm_2():
@@ -345,11 +368,10 @@ def test_ddpm_matches_ho_algorithm_2():
     T = 25
     diffusion = make_diffusion(objective="pred_noise", beta_schedule="linear", timesteps=T, clip_denoised=False)
     x_T = torch.randn(2, 2, 3, 4, 4)
-    out = ddpm_sample(diffusion, x_T, model=diffusion.model, cond=None,
-                      generator=torch.Generator().manual_seed(3), progress=False)
-
     betas = linear_beta_schedule(T)
     abar = torch.cumprod(1 - betas, 0)
+    out = ddpm(diffusion.denoiser(), x_T, time_grid(abar, T), generator=torch.Generator().manual_seed(3))
+
     g = torch.Generator().manual_seed(3)
     x = x_T.double()
     with torch.no_grad():
@@ -368,11 +390,11 @@ def test_ddim_matches_song_eq_12(eta):
     T, steps = 30, 6
     diffusion = make_diffusion(objective="pred_v", timesteps=T, clip_denoised=False)
     x_T = torch.randn(2, 2, 3, 4, 4)
-    times = ddim_timesteps(T, steps)
-    out = ddim_sample(diffusion, x_T, model=diffusion.model, cond=None,
-                      generator=torch.Generator().manual_seed(5), progress=False, times=times, eta=eta)
+    abar = _abar(T)
+    grid = time_grid(abar, steps)
+    out = ddim(diffusion.denoiser(), x_T, grid, generator=torch.Generator().manual_seed(5), eta=eta)
 
-    abar = torch.cumprod(1 - sigmoid_beta_schedule(T), 0)
+    times = list(zip(grid.steps, grid.steps[1:] + (-1,)))  # (t, next t); -1: the clean end
     g = torch.Generator().manual_seed(5)
     x = x_T.double()
     with torch.no_grad():
@@ -393,7 +415,7 @@ def test_ddim_matches_song_eq_12(eta):
 
 
 def test_oracle_network_recovers_its_target():
-    """An eps-network that knows the one data point x0* sends both samplers to x0*."""
+    """An eps-network that knows the one data point x0* sends every sampler to x0*."""
     target = torch.rand(1, 2, 3, 4, 4) * 1.6 - 0.8
     diffusion = make_diffusion(objective="pred_noise", timesteps=20)
 
@@ -403,36 +425,40 @@ def test_oracle_network_recovers_its_target():
         def forward(self, x, t, cond=None, x_self_cond=None):
             return diffusion.predict_noise_from_start(x, t, target.expand_as(x))
 
-    for steps in (20, 5):
-        out = diffusion.sample(3, model=Oracle(), sampling_timesteps=steps, generator=torch.Generator().manual_seed(0))
+    for sampler, steps in (("ddpm", 20), ("ddim", 5), ("dpmpp_2m", 5)):
+        out = diffusion.sample(3, model=Oracle(), sampler=sampler, sampling_timesteps=steps,
+                               generator=torch.Generator().manual_seed(0))
         assert torch.allclose(out, target.expand(3, -1, -1, -1, -1), atol=1e-4)
 
 
 def test_ddim_eta0_is_deterministic():
-    diffusion = make_diffusion(sampling_timesteps=5)
+    diffusion = make_diffusion(sampling_timesteps=5, sampler="ddim")
     x_T = torch.randn(2, 2, 3, 4, 4)
-    run = lambda g: ddim_sample(diffusion, x_T, model=diffusion.model, cond=None, generator=g,  # noqa: E731
-                                progress=False, times=ddim_timesteps(30, 5), eta=0.0)
+    run = lambda g: ddim(diffusion.denoiser(), x_T, time_grid(_abar(30), 5), generator=g, eta=0.0)  # noqa: E731
     assert torch.equal(run(None), run(torch.Generator().manual_seed(9)))
     first = diffusion.sample(2, generator=torch.Generator().manual_seed(4))
     assert torch.equal(first, diffusion.sample(2, generator=torch.Generator().manual_seed(4)))
     assert not torch.equal(first, diffusion.sample(2, generator=torch.Generator().manual_seed(5)))
 
 
-@pytest.mark.parametrize("steps, eta", [(None, None), (4, 0.0), (4, 1.0)])
-def test_samplers_on_images(steps, eta):
+SAMPLER_CASES = [("ddpm", None, None), ("ddim", 4, 0.0), ("ddim", 4, 1.0), ("dpmpp_2m", 4, None)]
+
+
+@pytest.mark.parametrize("sampler, steps, eta", SAMPLER_CASES)
+def test_samplers_on_images(sampler, steps, eta):
     diffusion = GaussianDiffusion(tiny_unet(), sample_shape=(3, 8, 8), timesteps=12)
-    out = diffusion.sample(2, sampling_timesteps=steps, eta=eta, generator=torch.Generator().manual_seed(0))
+    out = diffusion.sample(2, sampler=sampler, sampling_timesteps=steps, eta=eta,
+                           generator=torch.Generator().manual_seed(0))
     assert out.shape == (2, 3, 8, 8)
     assert torch.isfinite(out).all() and out.abs().max() <= 1  # clip_denoised
 
 
-@pytest.mark.parametrize("steps, eta", [(None, None), (5, 0.0), (5, 1.0)])
+@pytest.mark.parametrize("sampler, steps, eta", SAMPLER_CASES)
 @pytest.mark.parametrize("self_condition", [False, True])
-def test_samplers_on_clips(steps, eta, self_condition):
+def test_samplers_on_clips(sampler, steps, eta, self_condition):
     net = TinyNet3d(channels=2, self_condition=self_condition)
     diffusion = make_diffusion(net, shape=(2, 3, 4, 4), clip_denoised=False)
-    out = diffusion.sample(3, sampling_timesteps=steps, eta=eta, progress=True,
+    out = diffusion.sample(3, sampler=sampler, sampling_timesteps=steps, eta=eta, progress=True,
                            generator=torch.Generator().manual_seed(0))
     assert out.shape == (3, 2, 3, 4, 4) and torch.isfinite(out).all()
 

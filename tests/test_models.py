@@ -77,16 +77,27 @@ def test_unet_cond_and_self_condition_change_the_output():
     net = tiny_unet(channels=2, cond_channels=3, self_condition=True)
     assert (net.channels, net.cond_channels, net.self_condition) == (2, 3, True)
     x, t = torch.randn(2, 2, 8, 8), torch.tensor([3, 7])
-    cond = torch.randn(2, 3, 8, 8)
+    cond = {"fields": torch.randn(2, 3, 8, 8)}
     out = net(x, t, cond=cond)
     assert out.shape == (2, 2, 8, 8)
     # x_self_cond=None means zeros.
     assert torch.allclose(out, net(x, t, cond=cond, x_self_cond=torch.zeros_like(x)))
     assert not torch.allclose(out, net(x, t, cond=cond, x_self_cond=torch.randn_like(x)))
-    assert not torch.allclose(out, net(x, t, cond=torch.randn_like(cond)))
+    assert not torch.allclose(out, net(x, t, cond={"fields": torch.randn_like(cond["fields"])}))
     # Float timesteps and a scalar t are accepted too.
     assert torch.allclose(out, net(x, t.float(), cond=cond), atol=1e-6)
     assert torch.allclose(net(x, torch.tensor(5), cond=cond), net(x, torch.tensor([5, 5]), cond=cond))
+
+
+def test_unet_params_vector_changes_the_output_through_the_time_embedding():
+    net = tiny_unet(cond_dim=3)
+    x, t, params = torch.randn(2, 3, 8, 8), torch.tensor([3, 7]), torch.randn(2, 3)
+    out = net(x, t, cond={"params": params})
+    assert not torch.allclose(out, net(x, t, cond={"params": params + 1}))
+    # The vector only shifts the time embedding: with its MLP zeroed the network ignores it.
+    for p in net.params_mlp[-1].parameters():
+        torch.nn.init.zeros_(p)
+    assert torch.allclose(net(x, t, cond={"params": params}), net(x, t, cond={"params": -params}))
 
 
 def test_unet_timestep_changes_the_output():
@@ -112,7 +123,13 @@ def test_unet_bad_inputs():
     with pytest.raises(ValueError, match="cond_channels=2"):
         tiny_unet(cond_channels=2)(torch.randn(1, 3, 8, 8), torch.tensor([0]))
     with pytest.raises(ValueError, match="cond_channels=0"):
-        tiny_unet()(torch.randn(1, 3, 8, 8), torch.tensor([0]), cond=torch.randn(1, 2, 8, 8))
+        tiny_unet()(torch.randn(1, 3, 8, 8), torch.tensor([0]), cond={"fields": torch.randn(1, 2, 8, 8)})
+    with pytest.raises(ValueError, match="cond_dim=0"):
+        tiny_unet()(torch.randn(1, 3, 8, 8), torch.tensor([0]), cond={"params": torch.randn(1, 2)})
+    with pytest.raises(ValueError, match=r"cond_dim=2: pass cond\['params'\] of shape \[1, 2\]"):
+        tiny_unet(cond_dim=2)(torch.randn(1, 3, 8, 8), torch.tensor([0]), cond={"params": torch.randn(1, 3)})
+    with pytest.raises(ValueError, match="cond keys"):
+        tiny_unet()(torch.randn(1, 3, 8, 8), torch.tensor([0]), cond={"frames": torch.randn(1, 2)})
     with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
         tiny_unet()(torch.randn(1, 1, 8, 8), torch.tensor([0]))
     with pytest.raises(ValueError, match="full_attn"):
@@ -122,9 +139,11 @@ def test_unet_bad_inputs():
 
 
 def test_unet_gradients_reach_every_parameter():
-    net = tiny_unet(dim_mults=(1, 2, 2), learned_sinusoidal_cond=True, self_condition=True, cond_channels=1)
+    net = tiny_unet(dim_mults=(1, 2, 2), learned_sinusoidal_cond=True, self_condition=True, cond_channels=1,
+                    cond_dim=2)
     x = torch.randn(2, 3, 8, 8)
-    out = net(x, torch.tensor([2, 9]), cond=torch.randn(2, 1, 8, 8), x_self_cond=torch.randn_like(x))
+    cond = {"fields": torch.randn(2, 1, 8, 8), "params": torch.randn(2, 2)}
+    out = net(x, torch.tensor([2, 9]), cond=cond, x_self_cond=torch.randn_like(x))
     out.square().mean().backward()
     for name, p in net.named_parameters():
         assert p.grad is not None, name
@@ -154,11 +173,11 @@ def test_unet_bf16_autocast_close_to_fp32():
 
 def test_unet_channels_last_same_output():
     net = tiny_unet(dim_mults=(1, 2, 2), cond_channels=1)
-    x, t, cond = torch.randn(2, 3, 8, 8), torch.tensor([4, 20]), torch.randn(2, 1, 8, 8)
-    reference = net(x, t, cond=cond)
+    x, t, fields = torch.randn(2, 3, 8, 8), torch.tensor([4, 20]), torch.randn(2, 1, 8, 8)
+    reference = net(x, t, cond={"fields": fields})
     net_cl = net.to(memory_format=torch.channels_last)
     out = net_cl(
-        x.to(memory_format=torch.channels_last), t, cond=cond.to(memory_format=torch.channels_last)
+        x.to(memory_format=torch.channels_last), t, cond={"fields": fields.to(memory_format=torch.channels_last)}
     )
     assert torch.allclose(out, reference, atol=1e-5)
 
