@@ -26,16 +26,16 @@ def _private_hf_cache(tmp_path_factory, monkeypatch):
 
 
 def check_contract(ds, n_check=4):
-    """The trainer's contract: float32 [C, H, W] in [-1, 1], the same tensor for the same index."""
+    """The trainer's contract: items {"x": float32 [C, H, W] in [-1, 1]}, the same tensor for the same index."""
     assert len(ds) > 0
     for i in range(min(n_check, len(ds))):
-        x = ds[i]
+        x = ds[i]["x"]
         assert isinstance(x, torch.Tensor)
         assert x.dtype == torch.float32
         assert x.shape == (ds.channels, ds.image_size, ds.image_size)
         assert x.min() >= -1.0 and x.max() <= 1.0
         assert torch.isfinite(x).all()
-        assert torch.equal(x, ds[i])
+        assert torch.equal(x, ds[i]["x"])
 
 
 def stripes(size, horizontal, middle=RED, edge=BLUE):
@@ -81,12 +81,12 @@ def test_shapes_contract(channels, image_size):
 
 def test_shapes_deterministic_per_index_and_seed():
     a, b = ShapesDataset(length=20, seed=1), ShapesDataset(length=20, seed=1)
-    assert all(torch.equal(a[i], b[i]) for i in range(20))
+    assert all(torch.equal(a[i]["x"], b[i]["x"]) for i in range(20))
     # Order of access does not matter: the item depends on (seed, index) only.
-    assert torch.equal(a[7], ShapesDataset(length=20, seed=1)[7])
-    assert not torch.equal(a[0], a[1])
-    assert not torch.equal(a[0], ShapesDataset(length=20, seed=2)[0])
-    assert torch.equal(a[-1], a[19])
+    assert torch.equal(a[7]["x"], ShapesDataset(length=20, seed=1)[7]["x"])
+    assert not torch.equal(a[0]["x"], a[1]["x"])
+    assert not torch.equal(a[0]["x"], ShapesDataset(length=20, seed=2)[0]["x"])
+    assert torch.equal(a[-1]["x"], a[19]["x"])
     with pytest.raises(IndexError):
         a[20]
 
@@ -95,7 +95,7 @@ def test_shapes_are_structured():
     """Each image is a background plus shapes: mostly a few flat colours, not noise, not constant."""
     ds = ShapesDataset(image_size=32, channels=3, length=64)
     for i in range(16):
-        x = ds[i]
+        x = ds[i]["x"]
         assert x.std() > 0.02  # a shape is visible
         # Most pixels equal the background colour or a shape colour exactly (only edges blend).
         colours, counts = torch.unique(x.reshape(3, -1).T, dim=0, return_counts=True)
@@ -111,7 +111,7 @@ def test_two_modes_near_templates(channels):
     assert t.abs().max() == pytest.approx(0.8)
     assert (t[0] - t[1]).abs().mean() > 0.5  # clearly different modes
     for i in range(40):
-        x = ds[i]
+        x = ds[i]["x"]
         own, other = (x - t[i % 2]).norm(), (x - t[1 - i % 2]).norm()
         assert own < 0.05 * 4 * x.numel() ** 0.5  # noise of std 0.05
         assert own < 0.3 * other
@@ -122,10 +122,10 @@ def test_two_modes_near_templates(channels):
 
 def test_two_modes_noise_free_and_deterministic():
     ds = TwoModesDataset(image_size=6, channels=3, length=4, noise=0.0)
-    assert torch.equal(ds[0], ds.templates[0]) and torch.equal(ds[3], ds.templates[1])
+    assert torch.equal(ds[0]["x"], ds.templates[0]) and torch.equal(ds[3]["x"], ds.templates[1])
     noisy = TwoModesDataset(length=4, seed=5)
-    assert torch.equal(noisy[2], TwoModesDataset(length=4, seed=5)[2])
-    assert not torch.equal(noisy[0], TwoModesDataset(length=4, seed=6)[0])
+    assert torch.equal(noisy[2]["x"], TwoModesDataset(length=4, seed=5)[2]["x"])
+    assert not torch.equal(noisy[0]["x"], TwoModesDataset(length=4, seed=6)[0]["x"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -197,13 +197,13 @@ def test_image_folder(tmp_path, channels):
 
     # The wide image shows only its red middle after the centre crop.
     paths = [ds.table[int(r)][ds.column]["path"] for r in ds.indices]
-    wide = ds[[os.path.basename(p) for p in paths].index("wide.png")]
+    wide = ds[[os.path.basename(p) for p in paths].index("wide.png")]["x"]
     if channels == 3:
         assert (wide - torch.tensor([1.0, -1.0, -1.0])[:, None, None]).abs().max() < 0.02
     else:
         assert (wide - (0.299 * 255 / 127.5 - 1)).abs().max() < 0.02
     # The opaque RGBA image keeps its colour.
-    green = ds[[os.path.basename(p) for p in paths].index("rgba.png")]
+    green = ds[[os.path.basename(p) for p in paths].index("rgba.png")]["x"]
     if channels == 3:
         assert torch.allclose(green[:, 0, 0], torch.tensor([-1.0, 1.0, -1.0]))
 
@@ -274,7 +274,7 @@ def test_saved_dataset_through_hub_name(tmp_path, channels):
                              channels=channels)
     assert isinstance(ds, ImageDataset) and len(ds) == 5 and ds.column == "img"
     check_contract(ds, n_check=5)
-    assert torch.allclose(ds[2], preprocess_image(images[2], 16, channels))
+    assert torch.allclose(ds[2]["x"], preprocess_image(images[2], 16, channels))
 
 
 def test_saved_dataset_dict_split_and_columns(tmp_path):
@@ -323,7 +323,7 @@ def test_dispatch_builtin():
     ds = build_image_dataset(dataset="shapes", train_data_dir=None, image_size=12, channels=1,
                              seed=4, num_builtin=33)
     assert isinstance(ds, ShapesDataset) and len(ds) == 33
-    assert torch.equal(ds[5], ShapesDataset(image_size=12, channels=1, length=33, seed=4)[5])
+    assert torch.equal(ds[5]["x"], ShapesDataset(image_size=12, channels=1, length=33, seed=4)[5]["x"])
     ds = build_image_dataset(dataset="two_modes", train_data_dir=None, image_size=8, channels=3, num_builtin=10)
     assert isinstance(ds, TwoModesDataset) and len(ds) == 10 and ds.templates.shape == (2, 3, 8, 8)
     assert set(BUILTIN_DATASETS) == {"shapes", "two_modes"}
@@ -345,3 +345,16 @@ def test_dispatch_conflicts_and_bad_values(tmp_path):
         build_image_dataset(dataset="shapes", train_data_dir=None, image_size=8, channels=2)
     with pytest.raises(ConfigError, match="--image_size"):
         build_image_dataset(dataset="shapes", train_data_dir=None, image_size=0, channels=3)
+
+
+def test_augment_flips_each_image_of_a_batch_from_the_generator():
+    ds = build_image_dataset(dataset="shapes", train_data_dir=None, image_size=8, channels=3, random_flip=True)
+    x = torch.stack([ds[i]["x"] for i in range(64)])
+    out = ds.augment({"x": x, "params": torch.ones(64, 2)}, torch.Generator().manual_seed(0))["x"]
+    flipped = torch.tensor([torch.equal(o, xi.flip(-1)) for o, xi in zip(out, x)])
+    kept = torch.tensor([torch.equal(o, xi) for o, xi in zip(out, x)])
+    assert bool((flipped | kept).all()) and 16 < int(flipped.sum()) < 48  # about half, each one or the other
+    again = ds.augment({"x": x}, torch.Generator().manual_seed(0))["x"]
+    assert torch.equal(out, again)  # a pure function of the generator
+    ds.random_flip = False
+    assert torch.equal(ds.augment({"x": x}, torch.Generator().manual_seed(0))["x"], x)

@@ -14,13 +14,13 @@ import subprocess
 import pytest
 import torch
 
-from conftest import TINY, config_launch, train
+from conftest import TINY, config_launch, python, train
 from test_multiprocess import launch_ok
 from test_train import assert_same, final_weights
 from trainer.checkpoint import list_checkpoints
 from trainer.config import Config
 from trainer.errors import ConfigError
-from trainer.zero import ZeroPlan, plan_from_env
+from trainer.parallel.zero import ZeroPlan, plan_from_env
 
 # DeepSpeed reduces and scales the gradients in another order than DDP (each micro-batch, divided
 # before the sum), so the sums round differently; Adam magnifies that for the smallest gradients.
@@ -110,9 +110,9 @@ def test_a_json_config_keeps_its_other_keys_and_pins_what_it_sets(tmp_path):
 
 
 def test_deepspeed_missing_and_fp16_are_refused_before_training(tmp_path, monkeypatch):
-    import trainer.zero
+    import trainer.parallel.zero
 
-    monkeypatch.setattr(trainer.zero.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(trainer.parallel.zero.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ConfigError, match=r"not installed.*\.\[deepspeed\]"):
         plan_from_env({"ACCELERATE_USE_DEEPSPEED": "true"})
     monkeypatch.undo()
@@ -177,3 +177,47 @@ def test_bf16_under_deepspeed_skips_a_nonfinite_step_and_keeps_fp32_masters(tmp_
     # The engine trains bf16 weights; the checkpoint holds the fp32 masters, which bf16 cannot represent.
     model = torch.cat([t.flatten() for t in weights["model"].values()])
     assert (model.bfloat16().float() != model).float().mean() > 0.5
+
+
+ENGINE_CASTS_BUFFERS = r"""
+import os, socket, sys, types
+import torch, torch.distributed as dist
+import deepspeed
+from trainer.build import build_diffusion, build_network
+from trainer.config import build_config
+from trainer.parallel.zero import ZeroPlan
+
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+dist.init_process_group("gloo")
+real = deepspeed.initialize
+
+def initialize_like_older_versions(*args, **kwargs):  # they cast every buffer to the training precision
+    out = real(*args, **kwargs)
+    for buf in kwargs["model"].buffers():
+        buf.data = buf.data.to(torch.bfloat16)
+    return out
+
+deepspeed.initialize = initialize_like_older_versions
+cfg = build_config({"preset": "tiny", "dim": 8, "dim_mults": (1, 2), "image_size": 8, "channels": 1,
+                    "timesteps": 1000, "batch_size": 2}, has_gpu=False)
+diffusion = build_diffusion(cfg, build_network(cfg))
+reference = {n: b.clone() for n, b in diffusion.named_buffers()}
+accelerator = types.SimpleNamespace(device=torch.device("cpu"), num_processes=1, mixed_precision="bf16",
+                                    is_main_process=True)
+strategy = ZeroPlan().strategy(accelerator, cfg)
+strategy.wrap(diffusion, lambda params: torch.optim.AdamW(params, lr=1e-3))
+bad = [n for n, b in diffusion.named_buffers() if b.dtype != torch.float32 or not torch.equal(b, reference[n])]
+print("buffers:", "fp32 and unchanged" if not bad else f"changed: {bad}")
+print("weights:", next(strategy.net.parameters()).dtype)
+dist.destroy_process_group()
+"""
+
+
+def test_the_schedule_stays_fp32_when_the_engine_casts_every_buffer_to_bf16():
+    """Older DeepSpeed versions cast every buffer of the module to bf16, which breaks the schedule."""
+    result = python("-c", ENGINE_CASTS_BUFFERS)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "buffers: fp32 and unchanged" in result.stdout and "weights: torch.bfloat16" in result.stdout, result.stdout

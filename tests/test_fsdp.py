@@ -17,7 +17,7 @@ from test_multiprocess import launch_ok
 from test_train import assert_same, final_weights
 from trainer.checkpoint import list_checkpoints
 from trainer.errors import ConfigError
-from trainer.sharding import DEFAULT_WRAP, FsdpPlan, plan_from_env
+from trainer.parallel.fsdp import DEFAULT_WRAP, FsdpPlan, plan_from_env
 
 COMMON = ["--grad_accum", "2", "--save_and_sample_every", "3", "--dropout", "0.1", "--num_samples", "3"]
 

@@ -101,7 +101,8 @@ def test_model_weights_differ_from_ema(run_dir, tmp_path):
 
 
 def test_sampler_settings_and_bf16(run_dir, tmp_path):
-    ddpm = generate(run_dir, num_samples=2, sampling_timesteps=N_TIMESTEPS, out=tmp_path / "p", **quiet())
+    ddpm = generate(run_dir, num_samples=2, sampler="ddpm", sampling_timesteps=N_TIMESTEPS, out=tmp_path / "p",
+                    **quiet())
     assert ddpm.info["sampler"] == "ddpm" and ddpm.info["sampling_timesteps"] == N_TIMESTEPS
     noisy = generate(run_dir, num_samples=2, ddim_eta=1.0, out=tmp_path / "n", **quiet())
     plain = generate(run_dir, num_samples=2, out=tmp_path / "d", **quiet())

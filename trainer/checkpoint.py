@@ -33,6 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from trainer.errors import CheckpointError
+from trainer.parallel.base import main_decides
 
 MARKER = "COMMITTED"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -264,3 +265,60 @@ def load_weights_checked(module: torch.nn.Module, sd: dict[str, torch.Tensor], n
         load(sd)
     else:
         module.load_state_dict(sd, strict=True)
+
+
+class CheckpointManager:
+    """The checkpoints of one run folder, as every rank of a run sees them.
+
+    `save` writes and commits on the main process, then prunes; `latest_good` and `load` read a checkpoint
+    on every rank, the main process choosing which and verifying it first. Every method is called on
+    every rank, and every rank learns the same outcome.
+    """
+
+    def __init__(self, run_dir: Path, keep: int, *, is_main: bool, say: Callable[[str], None] = print,
+                 before_commit: Callable[[int], Callable[[], None] | None] | None = None):
+        self.run_dir, self.keep, self.is_main, self.say = run_dir, keep, is_main, say
+        self.before_commit = before_commit or (lambda step: None)
+
+    def save(self, step: int, ckpt: Checkpoint | None) -> bool:
+        """Commit `ckpt` (the main process's; None on the others) as the checkpoint of `step`. A failed write
+        keeps the previous checkpoints; every rank gets a warning-free True or the same False."""
+        def write() -> str | None:
+            try:
+                write_checkpoint(self.run_dir / "checkpoints" / step_dir_name(step), ckpt,
+                                 before_commit=self.before_commit(step))
+                prune(self.run_dir, self.keep)
+            except OSError as e:
+                kept = list_checkpoints(self.run_dir)
+                return (f"saving the checkpoint of step {step} failed ({e}); "
+                        f"{'the newest intact one is ' + kept[-1].name if kept else 'no earlier checkpoint exists'}. "
+                        f"Training goes on and the next save tries again.")
+            return None
+
+        failure = main_decides(write, self.is_main)
+        if failure is not None:
+            self.say(f"WARNING: {failure}")
+        return failure is None
+
+    def latest_good(self) -> tuple[Path, Checkpoint] | None:
+        """The newest checkpoint that verifies and loads, damaged ones reported and skipped; None if none."""
+        found: list[tuple[Path, Checkpoint] | None] = [None]
+
+        def choose() -> str | None:
+            found[0] = load_latest_good(self.run_dir, warn=lambda m: self.say(f"WARNING: {m}"))
+            return found[0] and str(found[0][0])
+
+        folder = main_decides(choose, self.is_main)
+        if folder is None:
+            return None
+        return found[0] or (Path(folder), read_checkpoint(Path(folder)))
+
+    def load(self, folder: Path) -> Checkpoint:
+        """The checkpoint in `folder`, verified on the main process first (a damaged one raises on every rank)."""
+        read: list[Checkpoint | None] = [None]
+
+        def verify_and_read() -> None:
+            read[0] = read_checkpoint(folder)
+
+        main_decides(verify_and_read, self.is_main)
+        return read[0] or read_checkpoint(folder)

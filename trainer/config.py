@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args, get_type_hints
 
 from models.diffusion import BETA_SCHEDULES, LOSS_TYPES, OBJECTIVES
+from models.sampling import SAMPLER_NAMES
+from trainer.data.base import check_image_shape
 from trainer.errors import ConfigError
 
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
@@ -52,15 +55,18 @@ class ModelConfig:
 @dataclass
 class DiffusionConfig:
     timesteps: int = _field(1000, "Diffusion steps T of the forward process.")
-    sampling_timesteps: int = _field(250, "Steps when sampling: fewer than --timesteps uses DDIM, "
-                                     "equal uses ancestral DDPM.")
+    sampler: str = _field("ddim", "Sampler of the save-and-sample grids and of trainer/sample.py: ddpm "
+                          "(ancestral), ddim (deterministic at --ddim_eta 0), dpmpp_2m (DPM-Solver++ 2M, "
+                          "good at 10-25 steps).", choices=SAMPLER_NAMES)
+    sampling_timesteps: int = _field(250, "Network evaluations per sample, spread evenly over --timesteps "
+                                     "(at most --timesteps).")
     objective: str = _field("pred_v", "What the network predicts.", choices=OBJECTIVES)
     beta_schedule: str = _field("sigmoid", "Noise schedule.", choices=tuple(BETA_SCHEDULES))
     loss_type: str = _field("l2", "Regression loss on the objective.", choices=LOSS_TYPES)
     min_snr_loss_weight: bool = _field(False, "Min-SNR-gamma loss weighting (Hang et al. 2023).")
     min_snr_gamma: float = _field(5.0, "Gamma of the min-SNR weighting.")
     offset_noise_strength: float = _field(0.0, "Offset noise strength (0 disables; 0.1 is typical).")
-    ddim_eta: float = _field(0.0, "DDIM eta: 0 is deterministic, 1 is DDPM-like.")
+    ddim_eta: float = _field(0.0, "DDIM eta (--sampler ddim only): 0 is deterministic, 1 is DDPM-like.")
     clip_denoised: bool = _field(True, "Clip predicted x0 to [-1, 1] while sampling "
                                  "(images: yes; physical fields: no).")
 
@@ -253,8 +259,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"--lr must be positive, got {t.lr}.")
     if not 0.0 <= t.ema_decay < 1.0:
         raise ConfigError(f"--ema_decay must be in [0, 1), got {t.ema_decay}.")
-    if data.channels not in (1, 3):
-        raise ConfigError(f"--channels must be 1 (grayscale) or 3 (RGB), got {data.channels}.")
+    check_image_shape(data.image_size, data.channels)
     if not m.dim_mults or any(x < 1 for x in m.dim_mults):
         raise ConfigError(f"--dim_mults must be one or more positive numbers, got {list(m.dim_mults)}.")
     factor = 2 ** (len(m.dim_mults) - 1)
@@ -267,8 +272,7 @@ def validate(cfg: Config) -> None:
     if d.beta_schedule == "linear" and d.timesteps <= 20:
         raise ConfigError(f"--beta_schedule linear needs --timesteps above 20 (its last beta is 20/T), "
                           f"got {d.timesteps}; use cosine or sigmoid for short schedules.")
-    if d.sampling_timesteps > d.timesteps:
-        raise ConfigError(f"--sampling_timesteps {d.sampling_timesteps} exceeds --timesteps {d.timesteps}.")
+    validate_sampling(d.sampler, d.sampling_timesteps, d.timesteps, d.ddim_eta)
     if m.dim % 8:
         raise ConfigError(f"--dim must be a multiple of 8 (GroupNorm groups), got {m.dim}.")
     if r.checkpoints_total_limit < 2:
@@ -287,6 +291,20 @@ def validate(cfg: Config) -> None:
     if data.train_data_dir is not None and not Path(data.train_data_dir).exists():
         raise ConfigError(f"--train_data_dir {data.train_data_dir} does not exist. "
                           f"Pass a folder of images, or drop the flag to train on a built-in dataset.")
+
+
+def validate_sampling(sampler: str, sampling_timesteps: int, timesteps: int, ddim_eta: float) -> None:
+    """The one check of the sampling flags, for training and trainer/sample.py alike."""
+    if sampler not in SAMPLER_NAMES:
+        raise ConfigError(f"--sampler {sampler!r} is not one of: {', '.join(SAMPLER_NAMES)}.")
+    if not isinstance(sampling_timesteps, int) or not 1 <= sampling_timesteps <= timesteps:
+        raise ConfigError(f"--sampling_timesteps {sampling_timesteps} is not in [1, --timesteps {timesteps}]: "
+                          f"the sampler evaluates the network at most once per diffusion step.")
+    if not (math.isfinite(ddim_eta) and ddim_eta >= 0):
+        raise ConfigError(f"--ddim_eta must be 0 or more, got {ddim_eta}.")
+    if ddim_eta != 0 and sampler != "ddim":
+        raise ConfigError(f"--ddim_eta {ddim_eta} applies to --sampler ddim only; --sampler {sampler} takes no eta. "
+                          f"Drop --ddim_eta or use --sampler ddim.")
 
 
 def show_value(value: Any) -> str:

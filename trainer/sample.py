@@ -3,7 +3,8 @@
 CHECKPOINT is a run folder (its newest intact checkpoint is used), one checkpoint folder
 `.../checkpoints/step-XXXXXXXX`, or `latest` (the newest run under --results_path). The network is
 rebuilt from the config stored in the checkpoint, the EMA (or raw) weights are loaded strictly, and
-the samples are written to a timestamped folder under `<run>/generated/` unless --out is given:
+the samples are written to a folder named by the time and the sampler under `<run>/generated/`
+(e.g. `2026-11-17_12-30-45_dpmpp_2m_20`) unless --out is given:
 
     grid.png        all samples in one grid (small images enlarged with nearest-neighbour)
     samples.npz     images: uint8 [N, H, W, C]; samples: float16 [N, C, H, W] in [-1, 1]
@@ -27,7 +28,6 @@ if __package__ in (None, ""):
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import json  # noqa: E402
-import math  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from typing import Any, Callable  # noqa: E402
@@ -36,8 +36,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from trainer import checkpoint as ckpt_io  # noqa: E402
-from trainer.config import Config, build_config, field_specs, flatten  # noqa: E402
+from trainer.config import Config, build_config, field_specs, flatten, validate_sampling  # noqa: E402
 from trainer.errors import CheckpointError, ConfigError, EddyError  # noqa: E402
+from models.sampling import SAMPLER_NAMES  # noqa: E402
 
 WEIGHTS = {"ema": "ema.safetensors", "model": "model.safetensors"}
 MIN_TILE_PX = 128  # grid tiles smaller than this are enlarged (nearest) for viewing
@@ -46,6 +47,7 @@ EXAMPLES = """\
 examples:
   python trainer/sample.py latest                          64 EMA samples from the newest run under results/
   python trainer/sample.py results/my-run --num_samples 16 --seed 3
+  python trainer/sample.py latest --sampler dpmpp_2m --sampling_timesteps 20   fast: DPM-Solver++ in 20 steps
   python trainer/sample.py results/my-run/checkpoints/step-00005000 --sampling_timesteps 50 --save_individual
   ./launch.sh sample latest --weights model --out /tmp/samples
 """
@@ -61,16 +63,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_samples", type=int, default=64, help="Samples to generate (default: 64).")
     p.add_argument("--batch_size", type=int, default=64,
                    help="Samples generated at once (default: 64). Part of what fixes the samples of a seed.")
+    p.add_argument("--sampler", choices=SAMPLER_NAMES, default=None,
+                   help="ddpm (ancestral), ddim, or dpmpp_2m (DPM-Solver++ 2M, good at 10-25 steps) "
+                        "(default: the run's --sampler).")
     p.add_argument("--sampling_timesteps", type=int, default=None,
-                   help="Sampling steps: fewer than the run's --timesteps uses DDIM, equal uses ancestral DDPM "
+                   help="Network evaluations per sample, at most the run's --timesteps "
                         "(default: the run's --sampling_timesteps).")
     p.add_argument("--ddim_eta", type=float, default=None,
-                   help="DDIM eta: 0 is deterministic, 1 is DDPM-like (default: the run's --ddim_eta).")
+                   help="DDIM eta, --sampler ddim only: 0 is deterministic, 1 is DDPM-like "
+                        "(default: the run's --ddim_eta, or 0 with another --sampler).")
     p.add_argument("--seed", type=int, default=0, help="Seed of the sampling noise (default: 0).")
     p.add_argument("--weights", choices=tuple(WEIGHTS), default="ema",
                    help="Sample with the EMA weights or the raw trained weights (default: ema).")
     p.add_argument("--out", default=None,
-                   help="Output folder; must be new or empty (default: <run>/generated/<YYYYmmdd-HHMMSS>/).")
+                   help="Output folder; must be new or empty "
+                        "(default: <run>/generated/<YYYY-mm-dd_HH-MM-SS>_<sampler>_<steps>/).")
     p.add_argument("--device", default=None, help="Torch device (default: cuda if available, else cpu).")
     p.add_argument("--bf16", action="store_true", help="Run the network under bfloat16 autocast.")
     p.add_argument("--save_individual", action="store_true", help="Also write each sample as 000000.png, ...")
@@ -131,6 +138,8 @@ def checkpoint_config(ckpt_dir: Path, run_dir: Path, *, has_gpu: bool) -> tuple[
         nested = json.loads(saved.read_text())
     known = {f.name for _, f, _ in field_specs()}
     flat = {k: v for k, v in flatten(nested).items() if k in known}
+    if "sampler" not in flat and flat.get("sampling_timesteps") == flat.get("timesteps"):
+        flat["sampler"] = "ddpm"  # runs from before --sampler sampled all their steps with DDPM
     return build_config(flat, has_gpu=has_gpu), state
 
 
@@ -178,20 +187,18 @@ def _resolve_device(device: str | None) -> torch.device:
     return dev
 
 
-def _check_flags(num_samples: int, batch_size: int, seed: int, ddim_eta: float | None, weights: str) -> None:
+def _check_flags(num_samples: int, batch_size: int, seed: int, weights: str) -> None:
     if num_samples < 1:
         raise ConfigError(f"--num_samples must be at least 1, got {num_samples}.")
     if batch_size < 1:
         raise ConfigError(f"--batch_size must be at least 1, got {batch_size}.")
     if not 0 <= seed < 2 ** 63:
         raise ConfigError(f"--seed must be in [0, 2^63), got {seed}.")
-    if ddim_eta is not None and not (math.isfinite(ddim_eta) and ddim_eta >= 0):
-        raise ConfigError(f"--ddim_eta must be 0 or more, got {ddim_eta}.")
     if weights not in WEIGHTS:
         raise ConfigError(f"--weights {weights!r} is not one of: {', '.join(WEIGHTS)}.")
 
 
-def _output_folder(out: str | Path | None, run_dir: Path) -> Path:
+def _output_folder(out: str | Path | None, run_dir: Path, label: str) -> Path:
     if out is not None:
         folder = Path(out)
         if folder.exists() and not folder.is_dir():
@@ -199,7 +206,7 @@ def _output_folder(out: str | Path | None, run_dir: Path) -> Path:
         if folder.is_dir() and any(folder.iterdir()):
             raise ConfigError(f"--out {out} already holds files; pass a new or empty folder.")
         return folder
-    base = run_dir / "generated" / time.strftime("%Y%m%d-%H%M%S")
+    base = run_dir / "generated" / f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{label}"
     folder, n = base, 1
     while folder.exists():  # two runs within the same second
         n += 1
@@ -207,7 +214,7 @@ def _output_folder(out: str | Path | None, run_dir: Path) -> Path:
     return folder
 
 
-def generate(checkpoint: str | Path, *, num_samples: int = 64, batch_size: int = 64,
+def generate(checkpoint: str | Path, *, num_samples: int = 64, batch_size: int = 64, sampler: str | None = None,
              sampling_timesteps: int | None = None, ddim_eta: float | None = None, seed: int = 0,
              weights: str = "ema", out: str | Path | None = None, device: str | None = None,
              bf16: bool = False, save_individual: bool = False, results_path: str | Path = "results",
@@ -221,17 +228,16 @@ def generate(checkpoint: str | Path, *, num_samples: int = 64, batch_size: int =
     from trainer.build import build_diffusion, build_network
     from trainer.tracking import save_image_grid, to_uint8
 
-    _check_flags(num_samples, batch_size, seed, ddim_eta, weights)
+    _check_flags(num_samples, batch_size, seed, weights)
     dev = _resolve_device(device)
     run_dir, ckpt_dir = resolve_checkpoint(str(checkpoint), results_path)
     cfg, state = checkpoint_config(ckpt_dir, run_dir, has_gpu=dev.type == "cuda")
-    timesteps = cfg.diffusion.timesteps
-    steps = cfg.diffusion.sampling_timesteps if sampling_timesteps is None else sampling_timesteps
-    if not 1 <= steps <= timesteps:
-        raise ConfigError(f"--sampling_timesteps must be in [1, {timesteps}] (the run's --timesteps), got {steps}.")
-    eta = cfg.diffusion.ddim_eta if ddim_eta is None else ddim_eta
-    sampler = "ddim" if steps < timesteps else "ddpm"
-    out_dir = _output_folder(out, run_dir)
+    d = cfg.diffusion
+    sampler = d.sampler if sampler is None else sampler
+    steps = d.sampling_timesteps if sampling_timesteps is None else sampling_timesteps
+    eta = ddim_eta if ddim_eta is not None else d.ddim_eta if sampler == "ddim" else 0.0
+    validate_sampling(sampler, steps, d.timesteps, eta)
+    out_dir = _output_folder(out, run_dir, f"{sampler}_{steps}")
 
     net = build_network(cfg)
     load_weights(net, ckpt_dir / WEIGHTS[weights])
@@ -248,7 +254,7 @@ def generate(checkpoint: str | Path, *, num_samples: int = 64, batch_size: int =
     start = time.perf_counter()
     with autocast:
         for n in tqdm(sizes, desc="sampling", unit="batch", disable=not progress):
-            x = diffusion.sample(n, model=net, generator=generator, sampling_timesteps=steps, eta=eta)
+            x = diffusion.sample(n, model=net, generator=generator, sampler=sampler, sampling_timesteps=steps, eta=eta)
             chunks.append(x.float().clamp(-1, 1).cpu())
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
@@ -267,7 +273,7 @@ def generate(checkpoint: str | Path, *, num_samples: int = 64, batch_size: int =
     info = {
         "checkpoint": str(ckpt_dir.resolve()), "run": str(run_dir.resolve()), "step": step,
         "weights": weights, "seed": seed, "num_samples": num_samples, "batch_size": batch_size,
-        "sampler": sampler, "sampling_timesteps": steps, "timesteps": timesteps, "eta": eta,
+        "sampler": sampler, "sampling_timesteps": steps, "timesteps": d.timesteps, "eta": eta,
         "device": str(dev), "bf16": bf16, "shape": list(samples.shape[1:]),
         "elapsed_s": round(elapsed, 3), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "torch_version": torch.__version__,

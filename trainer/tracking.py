@@ -51,7 +51,20 @@ def resolve_wandb_mode() -> tuple[str, str | None]:
     return "offline", "no W&B API key found: logging offline."
 
 
-class Tracker:
+class NullTracker:
+    """Records nothing: the tracker of every process but the main one, so the loop never asks which it is."""
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def log_images(self, name: str, grid_path: Path, step: int) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+class Tracker(NullTracker):
     """Writes metrics to `metrics.jsonl`; the base for the real backends. Main process only."""
 
     def __init__(self, run_dir: Path):
@@ -61,9 +74,6 @@ class Tracker:
     def log(self, metrics: dict[str, float], step: int) -> None:
         self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
         self._jsonl.flush()
-
-    def log_images(self, name: str, grid_path: Path, step: int) -> None:
-        pass
 
     def finish(self) -> None:
         self._jsonl.close()
@@ -111,7 +121,10 @@ class AccelerateTracker(Tracker):
         self.accelerator.trackers = []  # finished: end_training() at the very end must not finish them again
 
 
-def make_tracker(accelerator, backend: str, run_dir: Path, project: str, config: dict, run_id: str) -> Tracker:
+def make_tracker(accelerator, backend: str, run_dir: Path, project: str, config: dict, run_id: str) -> NullTracker:
+    """The run's tracker on the main process; a NullTracker on the others."""
+    if not accelerator.is_main_process:
+        return NullTracker()
     if backend == "none":
         return Tracker(run_dir)
     return AccelerateTracker(accelerator, backend, run_dir, project, config, run_id)

@@ -19,6 +19,7 @@ import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
+import os  # noqa: E402
 import time  # noqa: E402
 import uuid  # noqa: E402
 from typing import Any, get_args  # noqa: E402
@@ -117,55 +118,44 @@ def resolve_config(args: dict[str, Any]) -> tuple[Config, Path | None, Path | No
 def run(args: dict[str, Any]) -> Path:
     """Everything `train.py` does after parsing. Returns the run folder."""
     from accelerate import PartialState
-    from accelerate.utils import broadcast_object_list, parse_flag_from_env
+    from accelerate.utils import parse_flag_from_env
 
+    from trainer import parallel
     from trainer.build import build_dataset, build_diffusion, build_network, count_parameters
-    from trainer.sharding import plan_from_env as fsdp_plan_from_env
-    from trainer.trainer import Trainer, make_accelerator
+    from trainer.faults import Faults
+    from trainer.trainer import Trainer
     from trainer.tracking import make_tracker, resolve_wandb_mode
-    from trainer.zero import plan_from_env as zero_plan_from_env
 
     # Taken before any Accelerate state exists, which would otherwise wrap the network itself.
-    fsdp, zero_plan = fsdp_plan_from_env(), zero_plan_from_env()
+    plan = parallel.plan_from_env()
     # `--resume latest` names a run by the age of its files: the main process chooses, so that every
     # rank reads the same run's config even while checkpoints are being written.
     world = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # the Accelerator below reuses it
     if args.get("resume") == "latest" and world.num_processes > 1:
-        chosen = [None]
-        if world.is_main_process:
-            newest = ckpt_io.newest_run(Path(args.get("results_path", "results")))
-            chosen = [newest and str(newest)]
-        broadcast_object_list(chosen)
-        if chosen[0]:
-            args = {**args, "resume": chosen[0]}
+        newest = parallel.main_decides(lambda: _str(ckpt_io.newest_run(Path(args.get("results_path", "results")))),
+                                       world.is_main_process)
+        if newest:
+            args = {**args, "resume": newest}
 
     cfg, run_dir, ckpt_dir = resolve_config(args)
     wandb_note = resolve_wandb_mode()[1] if cfg.run.report_to == "wandb" else None
-    accelerator = make_accelerator(cfg, fsdp, zero_plan)
-    if not torch.distributed.is_initialized():
-        fsdp = zero_plan = None  # one process launched without a process group: nothing to shard
-    if zero_plan is not None:  # the launch's DeepSpeed settings against the flags, before any heavy work
-        zero_plan.config(cfg, accelerator.num_processes, bf16=accelerator.mixed_precision == "bf16")
-    main_proc = accelerator.is_main_process
-    say = accelerator.print
+    accelerator = parallel.make_accelerator(cfg, plan)
+    strategy = parallel.for_world(plan).strategy(accelerator, cfg)  # checks the launch against the flags
+    main_proc, say = accelerator.is_main_process, accelerator.print
 
-    # The run folder, and the checkpoint to resume: decided on the main process, then broadcast.
-    decision: list[Any] = [None, None, None]  # run folder, checkpoint folder or None, error message
-    resume_from = None  # the main process has read the checkpoint while deciding; the others read it below
-    if main_proc:
-        try:
-            run_dir, ckpt_dir, resume_from = _decide_run(cfg, run_dir, ckpt_dir, say)
-            decision[:2] = str(run_dir), ckpt_dir and str(ckpt_dir)
-        except EddyError as e:
-            decision[2] = str(e)
-    broadcast_object_list(decision)
-    if decision[2]:
-        raise CheckpointError(decision[2])
-    run_dir = Path(decision[0])
-    ckpt_dir = Path(decision[1]) if decision[1] else None
-    if ckpt_dir is not None and resume_from is None:
-        resume_from = ckpt_io.read_checkpoint(ckpt_dir)
-    if resume_from is not None:
+    # The run folder, and the checkpoint to resume: decided on the main process, read on every rank.
+    resuming = run_dir is not None
+    run_dir, ckpt_dir = (Path(p) if p else None for p in parallel.main_decides(
+        lambda: tuple(map(_str, _decide_run(cfg, run_dir, ckpt_dir, say))), main_proc))
+    faults = Faults.from_env()
+    checkpoints = ckpt_io.CheckpointManager(run_dir, cfg.run.checkpoints_total_limit, is_main=main_proc, say=say,
+                                            before_commit=faults.save_hook)
+    resume_from = None
+    if resuming:
+        found = (ckpt_dir, checkpoints.load(ckpt_dir)) if ckpt_dir else checkpoints.latest_good()
+        if found is None:
+            raise CheckpointError(f"--resume: no intact checkpoint in {run_dir / 'checkpoints'}.")
+        ckpt_dir, resume_from = found
         old = flatten(resume_from.state["config"])
         changed = {k: v for k, v in config_diff(old, cfg.flat()).items() if k not in RESUME_FREE}
         changes = ", ".join(f"{k} {show_value(a)} -> {show_value(b)}" for k, (a, b) in changed.items())
@@ -182,44 +172,39 @@ def run(args: dict[str, Any]) -> Path:
     if main_proc:
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(run_dir / "config.json")
-    run_id = [resume_from.state.get("tracker_run_id") if resume_from else uuid.uuid4().hex[:12]]
-    broadcast_object_list(run_id)
-    tracker = make_tracker(accelerator, cfg.run.report_to, run_dir, cfg.run.wandb_project, cfg.to_dict(),
-                           run_id[0]) if main_proc else None
+    run_id = parallel.main_decides(
+        lambda: resume_from.state.get("tracker_run_id") if resume_from else uuid.uuid4().hex[:12], main_proc)
+    tracker = make_tracker(accelerator, cfg.run.report_to, run_dir, cfg.run.wandb_project, cfg.to_dict(), run_id)
+    trainer = Trainer(cfg, accelerator, strategy, diffusion, dataset, checkpoints, tracker=tracker,
+                      resume_from=resume_from, run_id=run_id, faults=faults)
 
-    t = cfg.train
-    world = accelerator.num_processes
-    plan = fsdp or zero_plan
-    say(f"device: {accelerator.device} x {world} process(es), mixed precision {accelerator.mixed_precision}, "
-        f"{plan.describe() if plan else 'weights replicated (DDP)' if world > 1 else 'one process'}\n"
-        f"batch: {t.batch_size} per device x {world} x {t.grad_accum} accumulation = "
-        f"{t.batch_size * world * t.grad_accum} per optimizer step\n"
+    t, d = cfg.train, cfg.diffusion
+    processes = accelerator.num_processes
+    say(f"device: {accelerator.device} x {processes} process(es), mixed precision {accelerator.mixed_precision}, "
+        f"{strategy.describe()}\n"
+        f"batch: {t.batch_size} per device x {processes} x {t.grad_accum} accumulation = "
+        f"{t.batch_size * processes * t.grad_accum} per optimizer step\n"
         f"model: Unet dim {cfg.model.dim} mults {list(cfg.model.dim_mults)}, "
-        f"{count_parameters(net) / 1e6:.2f}M parameters, preset {cfg.run.preset}\n"
+        f"{count_parameters(net) / 1e6:.2f}M parameters, preset {cfg.run.preset}; "
+        f"sampling: {d.sampler} {d.sampling_timesteps} steps\n"
         f"data: {len(dataset)} images of {cfg.data.channels}x{cfg.data.image_size}x{cfg.data.image_size}\n"
         f"run folder: {run_dir}")
     if wandb_note and main_proc:
         say(f"W&B: {wandb_note}")
 
-    trainer = Trainer(cfg, accelerator, diffusion, dataset, run_dir, tracker=tracker, resume_from=resume_from,
-                      run_id=run_id[0], fsdp=fsdp, zero_plan=zero_plan)
     start = time.perf_counter()
     try:
         state = trainer.train()
     finally:
-        if tracker is not None:
-            tracker.finish()
+        tracker.finish()
     say(f"done: step {state.step} in {time.perf_counter() - start:.0f} s; "
         f"checkpoints in {run_dir / 'checkpoints'}, samples in {run_dir / 'samples'}")
-    if tracker is not None and cfg.run.report_to == "wandb":
-        import os
-
-        if os.environ.get("WANDB_MODE") == "offline":
-            say(f"W&B run saved offline in {tracker.location}; upload it with: wandb sync {tracker.location}")
+    if main_proc and cfg.run.report_to == "wandb" and os.environ.get("WANDB_MODE") == "offline":
+        say(f"W&B run saved offline in {tracker.location}; upload it with: wandb sync {tracker.location}")
     # Free the wrapped network, its optimizer and their pending collective work while the interpreter is
     # whole, then close the process group: a gloo work object destroyed during interpreter shutdown
     # aborts the process ("terminate called without an active exception") after a finished run.
-    del trainer
+    del trainer, strategy
     accelerator.free_memory()
     gc.collect()
     accelerator.wait_for_everyone()
@@ -227,24 +212,23 @@ def run(args: dict[str, Any]) -> Path:
     return run_dir
 
 
-def _decide_run(cfg: Config, run_dir: Path | None, ckpt_dir: Path | None,
-                say) -> tuple[Path, Path | None, ckpt_io.Checkpoint | None]:
-    """(run folder, checkpoint folder to resume, its contents); no checkpoint for a new run. Main process only."""
+def _str(path: Path | None) -> str | None:
+    return None if path is None else str(path)
+
+
+def _decide_run(cfg: Config, run_dir: Path | None, ckpt_dir: Path | None, say) -> tuple[Path, Path | None]:
+    """(run folder, the checkpoint folder named to resume or None). A new run's folder must hold no
+    checkpoints; a resumed one is cleaned of what a crash left. Main process only."""
     if run_dir is None:
         name = cfg.run.run_name or time.strftime("%Y%m%d-%H%M%S")
         run_dir = Path(cfg.run.results_path) / name
         if ckpt_io.list_checkpoints(run_dir):
             raise ConfigError(f"run folder {run_dir} already holds checkpoints: pass --resume {run_dir} to "
                               f"continue it, or another --run_name.")
-        return run_dir, None, None
+        return run_dir, None
     for p in ckpt_io.clean_leftovers(run_dir):
         say(f"removed an incomplete checkpoint left by a crash: {p}")
-    if ckpt_dir is not None:
-        return run_dir, ckpt_dir, ckpt_io.read_checkpoint(ckpt_dir)
-    found = ckpt_io.load_latest_good(run_dir, warn=lambda m: say(f"WARNING: {m}"))
-    if found is None:
-        raise CheckpointError(f"--resume: no intact checkpoint in {run_dir / 'checkpoints'}.")
-    return run_dir, *found
+    return run_dir, ckpt_dir
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
-"""Image datasets for Eddy.
+"""Datasets for Eddy.
 
-Every dataset here is a `torch.utils.data.Dataset` whose `__getitem__(i)` returns a float32
-`[C, H, W]` tensor in [-1, 1], the same tensor for the same index (random flips belong to the
-trainer), and has the attributes `channels` and `image_size`.
+Every dataset here is an `ImageData` (trainer/data/base.py): item i is `{"x": float32 [C, H, W] in
+[-1, 1]}`, the same for the same index; `augment(batch, generator)` draws its random flips from the
+step's seeded generator. Each has the attributes `channels` and `image_size`.
 
 `build_image_dataset` picks the source from the flags:
 - `--train_data_dir PATH`: a folder of images (read through the `imagefolder` loader);
@@ -12,12 +12,14 @@ trainer), and has the attributes `channels` and `image_size`.
 
 import torch
 
+from trainer.data.base import ImageData, check_image_shape
 from trainer.data.builtin import BUILTIN_DATASETS, ShapesDataset, TwoModesDataset
 from trainer.data.images import ImageDataset, load_hub_dataset, load_image_folder, preprocess_image
 from trainer.errors import ConfigError
 
 __all__ = [
     "BUILTIN_DATASETS",
+    "ImageData",
     "ImageDataset",
     "ShapesDataset",
     "TwoModesDataset",
@@ -32,7 +34,8 @@ DEFAULT_DATASET = "shapes"
 
 def build_image_dataset(*, dataset: str, train_data_dir: str | None, image_size: int, channels: int,
                         split: str = "train", image_column: str | None = None, seed: int = 0,
-                        num_builtin: int = 10000, progress: bool = True) -> torch.utils.data.Dataset:
+                        num_builtin: int = 10000, random_flip: bool = False,
+                        progress: bool = True) -> ImageData:
     """The training images chosen by `--dataset` / `--train_data_dir`.
 
     Args:
@@ -46,13 +49,18 @@ def build_image_dataset(*, dataset: str, train_data_dir: str | None, image_size:
         image_column: column holding the images; default the first column of `Image` type.
         seed: seed of the built-in datasets (each item is drawn from (seed, index)).
         num_builtin: number of items of a built-in dataset.
+        random_flip: whether `augment` mirrors images left-right (`--random_flip`).
         progress: show a progress bar while an image folder is checked.
     """
-    if image_size < 1:
-        raise ConfigError(f"--image_size must be a positive integer, got {image_size}")
-    if channels not in (1, 3):
-        raise ConfigError(f"--channels must be 1 (grayscale) or 3 (RGB), got {channels}")
+    check_image_shape(image_size, channels)
+    dataset = _source(dataset, train_data_dir, image_size, channels, split, image_column, seed, num_builtin,
+                      progress)
+    dataset.random_flip = random_flip
+    return dataset
 
+
+def _source(dataset, train_data_dir, image_size, channels, split, image_column, seed, num_builtin,
+            progress) -> ImageData:
     if train_data_dir is not None:
         if dataset in BUILTIN_DATASETS and dataset != DEFAULT_DATASET:
             raise ConfigError(f"--dataset {dataset} is a built-in dataset but --train_data_dir "

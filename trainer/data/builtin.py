@@ -1,8 +1,8 @@
 """Procedural image datasets that need no download.
 
 Both are deterministic per index: item i is drawn from a numpy Generator seeded by (seed, i), so
-the same index gives the same tensor on every rank, every epoch and after a resume. Items are float32
-`[C, H, W]` tensors in [-1, 1].
+the same index gives the same tensor on every rank, every epoch and after a resume. Items are
+`{"x": float32 [C, H, W] in [-1, 1]}` (trainer/data/base.py).
 
 - `ShapesDataset`: one to three filled circles, squares or triangles on a plain background. Enough
   structure that a small diffusion model shows within a few CPU minutes whether it learns.
@@ -10,12 +10,10 @@ the same index gives the same tensor on every rank, every epoch and after a resu
   near one of the two modes.
 """
 
-import operator
-
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
+from trainer.data.base import ImageData, check_image_shape
 from trainer.errors import ConfigError
 
 BUILTIN_DATASETS: dict[str, str] = {
@@ -32,24 +30,12 @@ def _rng(seed: int, index: int) -> np.random.Generator:
 
 
 def _check_args(image_size: int, channels: int, length: int) -> None:
-    if image_size < 1:
-        raise ConfigError(f"--image_size must be a positive integer, got {image_size}")
-    if channels not in (1, 3):
-        raise ConfigError(f"--channels must be 1 (grayscale) or 3 (RGB), got {channels}")
+    check_image_shape(image_size, channels)
     if length < 1:
         raise ConfigError(f"the number of built-in images must be at least 1, got {length}")
 
 
-def _normalize_index(index, length: int) -> int:
-    i = operator.index(index)
-    if i < 0:
-        i += length
-    if not 0 <= i < length:
-        raise IndexError(f"index {index} out of range for a dataset of {length} items")
-    return i
-
-
-class ShapesDataset(Dataset):
+class ShapesDataset(ImageData):
     """Filled circles, squares and triangles of random colour, position and size.
 
     Shapes are rendered from signed distances in pixel units; coverage `clip(0.5 - d, 0, 1)` gives a
@@ -70,8 +56,7 @@ class ShapesDataset(Dataset):
     def __len__(self) -> int:
         return self.length
 
-    def __getitem__(self, index) -> torch.Tensor:
-        i = _normalize_index(index, self.length)
+    def image(self, i: int) -> torch.Tensor:
         rng = _rng(self.seed, i)
         size = float(self.image_size)
         background = rng.uniform(-1.0, 1.0, self.channels).astype(np.float32)
@@ -116,7 +101,7 @@ class ShapesDataset(Dataset):
         return dist
 
 
-class TwoModesDataset(Dataset):
+class TwoModesDataset(ImageData):
     """Two fixed templates in [-1, 1] plus small Gaussian noise; item i uses template i % 2.
 
     Template 0 is bright on the left half and dark on the right; template 1 is bright on the top
@@ -148,8 +133,7 @@ class TwoModesDataset(Dataset):
     def __len__(self) -> int:
         return self.length
 
-    def __getitem__(self, index) -> torch.Tensor:
-        i = _normalize_index(index, self.length)
+    def image(self, i: int) -> torch.Tensor:
         shape = (self.channels, self.image_size, self.image_size)
         noise = _rng(self.seed, i).standard_normal(shape, dtype=np.float32) * np.float32(self.noise)
         return (self.templates[i % 2] + torch.from_numpy(noise)).clamp_(-1.0, 1.0)

@@ -12,15 +12,14 @@ centre square.
 import io
 import logging
 import math
-import operator
 import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from torch.utils.data import Dataset
 
+from trainer.data.base import ImageData
 from trainer.data.builtin import BUILTIN_DATASETS
 from trainer.errors import DataError
 
@@ -123,7 +122,7 @@ def _describe(entry) -> str:
 # The dataset
 
 
-class ImageDataset(Dataset):
+class ImageDataset(ImageData):
     """Images from one column of a Hugging Face `datasets.Dataset`, decoded and preprocessed on access.
 
     `table` must have `column` cast to `Image(decode=False)`. `indices`, when given, are the rows
@@ -142,13 +141,7 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.table) if self.indices is None else len(self.indices)
 
-    def __getitem__(self, index) -> torch.Tensor:
-        length = len(self)
-        i = operator.index(index)
-        if i < 0:
-            i += length
-        if not 0 <= i < length:
-            raise IndexError(f"index {index} out of range for a dataset of {length} images")
+    def image(self, i: int) -> torch.Tensor:
         row = i if self.indices is None else int(self.indices[i])
         entry = self.table[row][self.column]
         try:

@@ -1,4 +1,4 @@
-"""Fully sharded data parallel (FSDP2) for the Trainer.
+"""Fully sharded data parallel (FSDP2).
 
 A launch with an FSDP accelerate config (`accelerate_configs/fsdp.yaml`) asks for it. Eddy shards the
 network itself with `torch.distributed.fsdp.fully_shard` instead of handing it to Accelerate, so the
@@ -6,41 +6,104 @@ same code runs on GPUs (NCCL) and on CPU processes (gloo, where Accelerate would
 the path the CPU tests cover is the path GPUs run. Accelerate still forms the process group and
 provides autocast.
 
+The units are the block classes the network declares in its `fsdp_units` attribute (the accelerate
+config's `fsdp_transformer_layer_cls_to_wrap` overrides them by name). The EMA copy is sharded the
+same way, so each rank averages its own shard.
+
 Checkpoints hold full, unsharded state dicts in the layout a plain module and `optimizer.state_dict()`
 use, gathered on the main process. A run can therefore move between one process, DDP and FSDP, and
 between world sizes, and `trainer/sample.py` reads an FSDP checkpoint like any other.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 from dataclasses import dataclass
-from typing import Any, MutableMapping
+from typing import Any, Iterator, MutableMapping
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from trainer.errors import ConfigError
+from trainer.parallel.base import MakeOptimizer, Plan, Strategy
 
-# The network's blocks that become one FSDP unit each: their parameters are gathered together just
-# before the block runs and freed after it. The Unet's remaining layers belong to the root unit.
-DEFAULT_WRAP = ("ResnetBlock", "LinearAttention", "Attention")
+# No names from the launch: the network's own `fsdp_units` become the units.
+DEFAULT_WRAP = None
 
 _TRUE = ("1", "true", "yes")
 
 
 @dataclass(frozen=True)
-class FsdpPlan:
+class FsdpPlan(Plan):
     """How to shard: which block classes are units, and whether to free gathered weights after forward."""
 
-    wrap: tuple[str, ...] = DEFAULT_WRAP
+    name = "fsdp"
+    wrap: tuple[str, ...] | None = DEFAULT_WRAP  # class names; None: the network's `fsdp_units`
     # True: ZeRO-3 (parameters gathered again for backward); False: ZeRO-2 (kept from forward to backward).
     reshard_after_forward: bool = True
 
-    def describe(self) -> str:
+    def describe(self, units: tuple[str, ...]) -> str:
         stage = "ZeRO-3, weights regathered for backward" if self.reshard_after_forward else \
             "ZeRO-2, weights kept from forward to backward"
-        return f"FSDP2 over {', '.join(self.wrap)} ({stage})"
+        return f"FSDP2 over {', '.join(units) or 'the whole network'} ({stage})"
+
+    def check_precision(self, mixed_precision: str) -> None:
+        if mixed_precision == "fp16":
+            raise ConfigError("--mixed_precision fp16 with FSDP: the fp16 gradient scaler would decide to skip a "
+                              "step from this rank's shard alone, and the ranks would drift apart. Use bf16 (or no).")
+
+    def strategy(self, accelerator, cfg) -> FsdpStrategy:
+        return FsdpStrategy(accelerator, cfg, self)
+
+
+class FsdpStrategy(Strategy):
+    """The network and its EMA copy sharded with FSDP2; gradients reduce-scattered on the last micro-batch."""
+
+    name = "fsdp"
+
+    def __init__(self, accelerator, cfg, plan: FsdpPlan):
+        super().__init__(accelerator, cfg)
+        self.plan, self.units = plan, ()
+
+    def describe(self) -> str:
+        return self.plan.describe(self.units)
+
+    def wrap(self, diffusion: nn.Module, make_optimizer: MakeOptimizer) -> None:
+        diffusion.to(self.device)
+        self.net, self.model = diffusion.model, diffusion
+        self._ema = copy.deepcopy(self.net).requires_grad_(False)
+        for module in (self.net, self._ema):
+            self.units = shard(module, self.plan, self.device)
+        self.optimizer = self.accelerator.prepare(make_optimizer(self.net.parameters()))  # not DDP: sharded already
+
+    def ema_copy(self) -> nn.Module:
+        return self._ema
+
+    @contextlib.contextmanager
+    def micro_batch(self, last: bool) -> Iterator[None]:
+        self.net.set_requires_gradient_sync(last)
+        with super().micro_batch(last):
+            yield
+
+    def clip(self, max_norm: float) -> torch.Tensor:
+        return full_tensor(super().clip(max_norm))  # the norm of sharded gradients is a DTensor
+
+    def replica_state(self, ema_model: nn.Module) -> None:
+        return None  # each rank holds its own shard by design: nothing to compare
+
+    def _full_module(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        return full_model_state(module)
+
+    def _full_optimizer(self) -> dict[str, Any]:
+        return full_optimizer_state(self.net, self.optimizer.optimizer)
+
+    def _load_module(self, module: nn.Module):
+        return lambda sd: load_full_model_state(module, sd)
+
+    def _load_optimizer(self, sd: dict[str, Any]) -> None:
+        load_full_optimizer_state(self.net, self.optimizer.optimizer, sd)
 
 
 def plan_from_env(environ: MutableMapping[str, str] = os.environ) -> FsdpPlan | None:
@@ -58,8 +121,8 @@ def plan_from_env(environ: MutableMapping[str, str] = os.environ) -> FsdpPlan | 
     policy = environ.get("FSDP_AUTO_WRAP_POLICY", "TRANSFORMER_BASED_WRAP").upper()
     if policy not in ("TRANSFORMER_BASED_WRAP", "NO_WRAP", ""):
         raise ConfigError(f"the accelerate config sets fsdp_auto_wrap_policy: {policy}; Eddy shards by block "
-                          f"class: use TRANSFORMER_BASED_WRAP with fsdp_transformer_layer_cls_to_wrap "
-                          f"(default {','.join(DEFAULT_WRAP)}).")
+                          f"class: use TRANSFORMER_BASED_WRAP, and fsdp_transformer_layer_cls_to_wrap to override "
+                          f"the blocks the network declares (the Unet's: ResnetBlock,LinearAttention,Attention).")
     names = environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "")
     wrap = tuple(n.strip() for n in names.split(",") if n.strip()) or DEFAULT_WRAP
     if policy == "NO_WRAP":
@@ -75,22 +138,28 @@ def plan_from_env(environ: MutableMapping[str, str] = os.environ) -> FsdpPlan | 
     return FsdpPlan(wrap=wrap, reshard_after_forward=reshard)
 
 
-def shard(module: torch.nn.Module, plan: FsdpPlan, device: torch.device) -> None:
-    """Shard `module` in place over all processes: each block of a class in `plan.wrap`, then the rest."""
+def shard(module: nn.Module, plan: FsdpPlan, device: torch.device) -> tuple[str, ...]:
+    """Shard `module` in place over all processes: each block of a unit class, then the rest. Returns the
+    unit class names."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     present = {type(m).__name__ for m in module.modules()}
-    absent = [name for name in plan.wrap if name not in present]
-    if absent:
-        raise ConfigError(f"fsdp_transformer_layer_cls_to_wrap names {', '.join(absent)}, which the network does "
-                          f"not contain; it has {', '.join(sorted(present))}.")
+    if plan.wrap is None:
+        units = tuple(cls.__name__ for cls in getattr(module, "fsdp_units", ()))
+    else:
+        units = plan.wrap
+        absent = [name for name in units if name not in present]
+        if absent:
+            raise ConfigError(f"fsdp_transformer_layer_cls_to_wrap names {', '.join(absent)}, which the network does "
+                              f"not contain; it has {', '.join(sorted(present))}.")
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     # Children before parents: a block nested in another wrapped block becomes its own unit first.
     for m in reversed(list(module.modules())):
-        if m is not module and type(m).__name__ in plan.wrap:
+        if m is not module and type(m).__name__ in units:
             fully_shard(m, mesh=mesh, reshard_after_forward=plan.reshard_after_forward)
     fully_shard(module, mesh=mesh, reshard_after_forward=plan.reshard_after_forward)
+    return units
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:

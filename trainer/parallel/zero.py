@@ -1,7 +1,7 @@
 """DeepSpeed ZeRO stages 1 and 2 for the Trainer.
 
 A launch with a DeepSpeed accelerate config (`accelerate_configs/deepspeed_zero2.yaml`) asks for it.
-As with FSDP (trainer/sharding.py), Eddy takes the request away from Accelerate and builds the engine
+As with FSDP (trainer/parallel/fsdp.py), Eddy takes the request away from Accelerate and builds the engine
 itself with `deepspeed.initialize` over the process group that Accelerate formed. Accelerate would
 count a DeepSpeed world on CPU processes as one process; this way the gloo path that CI tests is the
 code the GPUs run, and Accelerate's DeepSpeed plugin (which needs `transformers`) is never loaded.
@@ -14,17 +14,21 @@ other mode, so a run moves freely between one process, DDP, FSDP and DeepSpeed.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import importlib.util
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, MutableMapping
+from typing import Any, Iterator, MutableMapping
 
 import torch
+from torch import nn
 
 from trainer.config import Config
 from trainer.errors import ConfigError
+from trainer.parallel.base import MakeOptimizer, Plan, Strategy
 
 _TRUE = ("1", "true", "yes")
 # Each step's numbers go to Eddy's log; DeepSpeed's own line every N steps would repeat them.
@@ -32,9 +36,10 @@ _QUIET_STEPS = 2**62
 
 
 @dataclass(frozen=True)
-class ZeroPlan:
+class ZeroPlan(Plan):
     """What the launch asked of DeepSpeed: the ZeRO stage, and the values it pins that Eddy's flags also set."""
 
+    name = "zero"
     stage: int = 2
     source: str = "the accelerate config"           # where the settings come from, for messages
     user_config: dict[str, Any] = field(default_factory=dict)  # a DeepSpeed JSON config, when one is named
@@ -43,6 +48,16 @@ class ZeroPlan:
     def describe(self) -> str:
         what = "optimizer state and gradients" if self.stage == 2 else "optimizer state"
         return f"DeepSpeed ZeRO-{self.stage} ({what} sharded, fp32 master weights)"
+
+    def check_precision(self, mixed_precision: str) -> None:
+        if mixed_precision == "fp16":
+            raise ConfigError("--mixed_precision fp16 with DeepSpeed: Eddy trains DeepSpeed in bf16 or fp32, where no "
+                              "loss scaler skips steps behind the EMA's back. Use bf16 (or no).")
+
+    def strategy(self, accelerator, cfg: Config) -> ZeroStrategy:
+        # The launch's settings against the flags, before any heavy work.
+        self.config(cfg, accelerator.num_processes, bf16=accelerator.mixed_precision == "bf16")
+        return ZeroStrategy(accelerator, cfg, self)
 
     def config(self, cfg: Config, world_size: int, bf16: bool) -> dict[str, Any]:
         """The DeepSpeed config for this run. Raises ConfigError where the launch contradicts a flag."""
@@ -161,6 +176,63 @@ def initialize(diffusion: torch.nn.Module, optimizer: torch.optim.Optimizer, pla
         raise ConfigError(f"{plan.source}: DeepSpeed made a {type(zero_optimizer).__name__} where Eddy needs its ZeRO "
                           f"optimizer (stages 1 and 2).")
     return engine, zero_optimizer
+
+
+class ZeroStrategy(Strategy):
+    """A DeepSpeed engine trains the network in the training precision over fp32 master partitions; the
+    EMA and checkpoints read the masters, gathered into an fp32 copy of the network."""
+
+    name = "zero"
+
+    def __init__(self, accelerator, cfg: Config, plan: ZeroPlan):
+        super().__init__(accelerator, cfg)
+        self.plan = plan
+
+    def describe(self) -> str:
+        return self.plan.describe()
+
+    def wrap(self, diffusion: nn.Module, make_optimizer: MakeOptimizer) -> None:
+        self.net = diffusion.model
+        self.master = copy.deepcopy(self.net).requires_grad_(False).to(self.device)
+        self.model, self.optimizer = initialize(diffusion, make_optimizer(self.net.parameters()), self.plan, self.cfg,
+                                                self.accelerator.num_processes,
+                                                bf16=self.accelerator.mixed_precision == "bf16", device=self.device)
+        diffusion.keep_schedule_fp32()  # some DeepSpeed versions cast every buffer to the training precision
+
+    @property
+    def online(self) -> nn.Module:
+        return self.master
+
+    def sync_online(self) -> None:
+        gather_masters(self.net, self.master)
+
+    @contextlib.contextmanager
+    def micro_batch(self, last: bool) -> Iterator[None]:
+        self.model.set_gradient_accumulation_boundary(last)  # the engine accumulates by itself
+        yield
+
+    def loss(self, x0: torch.Tensor, *, cond: dict | None, generator: torch.Generator) -> torch.Tensor:
+        return self.model(x0, cond=cond, generator=generator)  # the engine's module autocasts (_Autocast)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.model.backward(loss)  # scaled by 1/grad_accum inside
+
+    def clip(self, max_norm: float) -> torch.Tensor:
+        """The engine reduces, clips (its gradient_clipping is --max_grad_norm) and steps here; it skips a step
+        whose gradient is not finite itself, and its norm is then infinite."""
+        self.model.step()
+        norm = self.model.get_global_grad_norm()
+        return torch.as_tensor(float("inf") if norm is None else norm, dtype=torch.float32, device=self.device)
+
+    def step(self) -> bool:
+        return True  # the engine has stepped in clip()
+
+    def _full_optimizer(self) -> dict[str, Any]:
+        return full_optimizer_state(self.net, self.optimizer)
+
+    def _load_optimizer(self, sd: dict[str, Any]) -> None:
+        load_full_optimizer_state(self.net, self.optimizer, sd)
+        load_masters(self.net, self.master, self.optimizer)
 
 
 # The master weights and optimizer state, whole. Each `gather_*`/`full_*` function is a collective:

@@ -1,0 +1,64 @@
+"""What every Eddy dataset is: items as dicts, its own augmentation, and the checks of its shape.
+
+An item is `{"x": float32 [C, *spatial]}` plus optional condition entries (the keys of
+`models.cond.COND_KEYS`); the DataLoader stacks items into a batch of the same keys. The same index
+gives the same item on every rank, every epoch and after a resume: randomness belongs to
+`augment(batch, generator)`, which the Trainer calls on each micro-batch with the step's seeded
+generator. A dataset owns its augmentation because only it knows what a transform means for its
+channels (a mirrored velocity field must also negate that component).
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch.utils.data import Dataset
+
+from trainer.errors import ConfigError
+
+IMAGE_CHANNELS = (1, 3)
+
+
+def check_image_shape(image_size: int, channels: int) -> None:
+    """The one check of an image dataset's shape flags."""
+    if not isinstance(image_size, int) or image_size < 1:
+        raise ConfigError(f"--image_size must be a positive integer, got {image_size}")
+    if channels not in IMAGE_CHANNELS:
+        raise ConfigError(f"--channels must be 1 (grayscale) or 3 (RGB), got {channels}")
+
+
+def normalize_index(index, length: int) -> int:
+    """A Python index (negative counts from the end) -> 0 <= i < length, or IndexError."""
+    i = operator.index(index)
+    if i < 0:
+        i += length
+    if not 0 <= i < length:
+        raise IndexError(f"index {index} out of range for a dataset of {length} items")
+    return i
+
+
+class ImageData(Dataset):
+    """Base of the image datasets: `image(i)` gives float32 `[C, H, W]` in [-1, 1]; items are `{"x": image}`.
+
+    Subclasses set `channels` and `image_size` and implement `__len__` and `image`. `random_flip`
+    (set by the builder from `--random_flip`) mirrors each image left-right with probability 1/2.
+    """
+
+    channels: int
+    image_size: int
+    random_flip: bool = False
+
+    def image(self, index: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __getitem__(self, index) -> dict[str, torch.Tensor]:
+        return {"x": self.image(normalize_index(index, len(self)))}
+
+    def augment(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Random horizontal flips of `batch["x"]` [B, C, H, W], one draw per sample from `generator`."""
+        if not self.random_flip:
+            return batch
+        x = batch["x"]
+        flip = torch.rand(x.shape[0], device=x.device, generator=generator) < 0.5
+        return {**batch, "x": torch.where(flip.view(-1, *([1] * (x.ndim - 1))), x.flip(-1), x)}
