@@ -2,5 +2,6 @@
 
 from models.diffusion import GaussianDiffusion
 from models.unet import Unet
+from models.unet3d import Unet3D
 
-__all__ = ["GaussianDiffusion", "Unet"]
+__all__ = ["GaussianDiffusion", "Unet", "Unet3D"]

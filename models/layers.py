@@ -1,16 +1,16 @@
-"""Blocks of the 2D Unet, written once so that a video / fluid-frame network can reuse them.
+"""Blocks shared by the 2D Unet and the Unet3D, written once.
 
-Everything here works on `[B, C, H, W]`; a space-time network can apply the same blocks per frame on
-`(b f) c h w` tensors and reuse the token-level attention cores (`attend`, `linear_attend`) for
-temporal attention over `[B*H*W, heads, F, d]`.
+The convolutional blocks take `dims=2` (`[B, C, H, W]`, the default) or `dims=3` (`[B, C, F, H, W]`,
+3x3x3 kernels); the attention layers work on `[B, C, H, W]`, and a space-time network applies them per
+frame on `(b f) c h w` tensors. The token-level cores (`attend`, `linear_attend`, `apply_rotary`) also
+serve temporal attention over `[B*H*W, heads, F, d]`.
 """
 
 import math
-from functools import partial
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange, reduce
+from einops import rearrange
 from einops.layers.torch import Rearrange
 from torch import nn
 
@@ -77,24 +77,48 @@ class RandomOrLearnedSinusoidalPosEmb(nn.Module):
 # Convolutional blocks.
 
 
-class WeightStandardizedConv2d(nn.Conv2d):
-    """Conv2d whose kernel is standardized per output channel (Qiao et al. 2019); pairs with GroupNorm."""
+def standardize_weight(weight, eps):
+    """A conv kernel `[out, in, *kernel]` standardized per output channel: zero mean, unit variance."""
+    dims = tuple(range(1, weight.ndim))
+    # mean() and var(correction=0) rather than var_mean: var_mean's mean can differ in the last bit, and the
+    # 2D Unet's outputs are pinned by golden files (tests/golden).
+    mean = weight.mean(dim=dims, keepdim=True)
+    var = weight.var(dim=dims, keepdim=True, correction=0)
+    return (weight - mean) * (var + eps).rsqrt()
+
+
+class _WeightStandardized:
+    """Mixin for an `nn.ConvNd`: convolve with the standardized kernel (Qiao et al. 2019); pairs with GroupNorm."""
 
     def forward(self, x):
         eps = 1e-5 if x.dtype == torch.float32 else 1e-3
-        weight = self.weight
-        mean = reduce(weight, "o ... -> o 1 1 1", "mean")
-        var = reduce(weight, "o ... -> o 1 1 1", partial(torch.var, unbiased=False))
-        weight = (weight - mean) * (var + eps).rsqrt()
-        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return self._conv_forward(x, standardize_weight(self.weight, eps), self.bias)
+
+
+class WeightStandardizedConv2d(_WeightStandardized, nn.Conv2d):
+    """Conv2d whose kernel is standardized per output channel (Qiao et al. 2019); pairs with GroupNorm."""
+
+
+class WeightStandardizedConv3d(_WeightStandardized, nn.Conv3d):
+    """Conv3d whose kernel is standardized per output channel (Qiao et al. 2019); pairs with GroupNorm."""
+
+
+CONV = {2: nn.Conv2d, 3: nn.Conv3d}
+WS_CONV = {2: WeightStandardizedConv2d, 3: WeightStandardizedConv3d}
+
+
+def _check_dims(dims, block):
+    if dims not in CONV:
+        raise ValueError(f"{block} takes dims=2 ([B, C, H, W]) or dims=3 ([B, C, F, H, W]), got dims={dims!r}")
 
 
 class Block(nn.Module):
-    """WS conv3x3 -> GroupNorm -> optional (scale + 1, shift) -> SiLU -> dropout."""
+    """WS conv3x3 (3x3x3 with dims=3) -> GroupNorm -> optional (scale + 1, shift) -> SiLU -> dropout."""
 
-    def __init__(self, dim, dim_out, groups=8, dropout=0.0):
+    def __init__(self, dim, dim_out, groups=8, dropout=0.0, *, dims=2):
         super().__init__()
-        self.proj = WeightStandardizedConv2d(dim, dim_out, 3, padding=1)
+        _check_dims(dims, "Block")
+        self.proj = WS_CONV[dims](dim, dim_out, 3, padding=1)
         self.norm = nn.GroupNorm(groups, dim_out)
         self.act = nn.SiLU()
         self.dropout = nn.Dropout(dropout)
@@ -108,19 +132,23 @@ class Block(nn.Module):
 
 
 class ResnetBlock(nn.Module):
-    """Two Blocks with a residual; the time embedding scales and shifts the first block's features."""
+    """Two Blocks with a residual; the time embedding scales and shifts the first block's features.
 
-    def __init__(self, dim, dim_out, *, time_emb_dim=None, groups=8, dropout=0.0):
+    `dims=2` works on `[B, C, H, W]`, `dims=3` on `[B, C, F, H, W]` with 3x3x3 kernels.
+    """
+
+    def __init__(self, dim, dim_out, *, time_emb_dim=None, groups=8, dropout=0.0, dims=2):
         super().__init__()
+        _check_dims(dims, "ResnetBlock")
         self.mlp = nn.Sequential(nn.SiLU(), nn.Linear(time_emb_dim, dim_out * 2)) if exists(time_emb_dim) else None
-        self.block1 = Block(dim, dim_out, groups=groups, dropout=dropout)
-        self.block2 = Block(dim_out, dim_out, groups=groups)
-        self.res_conv = nn.Conv2d(dim, dim_out, 1) if dim != dim_out else nn.Identity()
+        self.block1 = Block(dim, dim_out, groups=groups, dropout=dropout, dims=dims)
+        self.block2 = Block(dim_out, dim_out, groups=groups, dims=dims)
+        self.res_conv = CONV[dims](dim, dim_out, 1) if dim != dim_out else nn.Identity()
 
     def forward(self, x, time_emb=None):
         scale_shift = None
         if exists(self.mlp) and exists(time_emb):
-            time_emb = rearrange(self.mlp(time_emb), "b c -> b c 1 1")
+            time_emb = rearrange(self.mlp(time_emb), "b c -> b c" + " 1" * (x.ndim - 2))
             scale_shift = time_emb.chunk(2, dim=1)
         h = self.block1(x, scale_shift=scale_shift)
         h = self.block2(h)
@@ -143,12 +171,36 @@ class RMSNorm(nn.Module):
         return F.normalize(x, dim=1) * g * self.scale
 
 
-def attend(q, k, v):
+def attend(q, k, v, bias=None):
     """Softmax attention, q, k, v: [B, heads, N, d] -> [B, heads, N, d], scale 1/sqrt(d).
 
-    Goes through `scaled_dot_product_attention` so fused kernels are used where available.
+    `bias`, broadcastable to [B, heads, N, N], is added to the scores before the softmax (a relative
+    position bias). Goes through `scaled_dot_product_attention` so fused kernels are used where available.
     """
-    return F.scaled_dot_product_attention(q, k, v)
+    if exists(bias):
+        bias = bias.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+
+def rotate_half(x):
+    """[..., d] -> [..., d]: (x1, x2) -> (-x2, x1) for the two halves of the last axis."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x, positions, theta=10000):
+    """Rotary position embedding (Su et al. 2021, "rotate half" layout) of x [..., N, d] at positions [N].
+
+    Channel pairs (i, i + d/2) are rotated by the angle positions * theta^(-2i/d), so the dot product of a
+    rotated q at position m and a rotated k at position n depends on m - n only.
+    """
+    dim = x.shape[-1]
+    if not divisible_by(dim, 2):
+        raise ValueError(f"rotary embedding needs an even head dim, got {dim}")
+    inv_freq = theta ** (-torch.arange(0, dim, 2, device=x.device, dtype=torch.float32) / dim)  # [d/2]
+    angles = torch.einsum("n, i -> n i", positions.float(), inv_freq)
+    angles = torch.cat((angles, angles), dim=-1)  # [N, d]
+    return x * angles.cos().to(x.dtype) + rotate_half(x) * angles.sin().to(x.dtype)
 
 
 def linear_attend(q, k, v):
@@ -218,3 +270,45 @@ def Upsample(dim, dim_out):
         nn.Upsample(scale_factor=2, mode="nearest"),
         nn.Conv2d(dim, dim_out, 3, padding=1),
     )
+
+
+# The inputs, time and parameter embeddings of a denoising network (models/cond.py has the condition's keys).
+
+
+def time_mlp(dim, time_dim, *, learned_sinusoidal_cond=False, random_fourier_features=False,
+             learned_sinusoidal_dim=16, theta=10000):
+    """t [B] -> [B, time_dim]: fixed sinusoids of width `dim` (or learned / random Fourier features), then an MLP."""
+    if learned_sinusoidal_cond or random_fourier_features:
+        pos_emb = RandomOrLearnedSinusoidalPosEmb(learned_sinusoidal_dim, is_random=random_fourier_features)
+        fourier_dim = learned_sinusoidal_dim + 1
+    else:
+        pos_emb = SinusoidalPosEmb(dim, theta=theta)
+        fourier_dim = dim
+    return nn.Sequential(pos_emb, nn.Linear(fourier_dim, time_dim), nn.GELU(), nn.Linear(time_dim, time_dim))
+
+
+def params_mlp(cond_dim, time_dim):
+    """params [B, cond_dim] -> [B, time_dim], added to the time embedding; None when cond_dim is 0."""
+    if not cond_dim:
+        return None
+    return nn.Sequential(nn.Linear(cond_dim, time_dim), nn.GELU(), nn.Linear(time_dim, time_dim))
+
+
+def stack_inputs(x, x_self_cond, cond, *, self_condition, cond_channels):
+    """The first conv's input: x, then the self-conditioning estimate (zeros when None) if the network takes
+    one, then `cond["fields"]`, along the channel axis."""
+    inputs = [x]
+    if self_condition:
+        inputs.append(x_self_cond.to(x.dtype) if exists(x_self_cond) else torch.zeros_like(x))
+    if cond_channels > 0:
+        inputs.append(cond["fields"].to(x.dtype))
+    return torch.cat(inputs, dim=1)
+
+
+def embed_time(t, batch, time_mlp, params_mlp, cond):
+    """t [B] (or a scalar for the whole batch) -> the time embedding, plus `params_mlp(cond["params"])`
+    when the network has one."""
+    emb = time_mlp(t.expand(batch) if t.ndim == 0 else t)
+    if exists(params_mlp):
+        emb = emb + params_mlp(cond["params"].to(emb.dtype))
+    return emb

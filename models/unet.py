@@ -4,19 +4,20 @@ full attention at the deepest one, skip connections by concatenation."""
 import torch
 from torch import nn
 
-from models.cond import FIELDS, PARAMS, check_cond
+from models.cond import check_cond
 from models.layers import (
     Attention,
     Downsample,
     LinearAttention,
-    RandomOrLearnedSinusoidalPosEmb,
     ResnetBlock,
-    SinusoidalPosEmb,
     Upsample,
     cast_tuple,
     default,
     divisible_by,
-    exists,
+    embed_time,
+    params_mlp,
+    stack_inputs,
+    time_mlp,
 )
 
 
@@ -89,21 +90,12 @@ class Unet(nn.Module):
                 )
         in_out = list(zip(dims[:-1], dims[1:]))
 
-        # Time embedding: t [B] -> [B, 4 * dim].
+        # Time embedding: t [B] -> [B, 4 * dim]; physical parameters [B, cond_dim] are added to it.
         time_dim = dim * 4
-        if learned_sinusoidal_cond or random_fourier_features:
-            pos_emb = RandomOrLearnedSinusoidalPosEmb(learned_sinusoidal_dim, is_random=random_fourier_features)
-            fourier_dim = learned_sinusoidal_dim + 1
-        else:
-            pos_emb = SinusoidalPosEmb(dim, theta=sinusoidal_pos_emb_theta)
-            fourier_dim = dim
-        self.time_mlp = nn.Sequential(
-            pos_emb, nn.Linear(fourier_dim, time_dim), nn.GELU(), nn.Linear(time_dim, time_dim)
-        )
-        # Physical parameters: [B, cond_dim] -> [B, 4 * dim], added to the time embedding.
-        self.params_mlp = (
-            nn.Sequential(nn.Linear(cond_dim, time_dim), nn.GELU(), nn.Linear(time_dim, time_dim)) if cond_dim else None
-        )
+        self.time_mlp = time_mlp(dim, time_dim, learned_sinusoidal_cond=learned_sinusoidal_cond,
+                                 random_fourier_features=random_fourier_features,
+                                 learned_sinusoidal_dim=learned_sinusoidal_dim, theta=sinusoidal_pos_emb_theta)
+        self.params_mlp = params_mlp(cond_dim, time_dim)
 
         # Per-level attention settings.
         full_attn = default(full_attn, (False,) * (num_levels - 1) + (True,))
@@ -177,20 +169,10 @@ class Unet(nn.Module):
 
     def forward(self, x, t, *, cond=None, x_self_cond=None):
         self._check_inputs(x, cond)
-        if t.ndim == 0:
-            t = t.expand(x.shape[0])
-
-        # Inputs: [x, x_self_cond, cond] along channels.
-        inputs = [x]
-        if self.self_condition:
-            inputs.append(x_self_cond.to(x.dtype) if exists(x_self_cond) else torch.zeros_like(x))
-        if self.cond_channels > 0:
-            inputs.append(cond[FIELDS].to(x.dtype))
-        x = self.init_conv(torch.cat(inputs, dim=1))
+        x = self.init_conv(stack_inputs(x, x_self_cond, cond, self_condition=self.self_condition,
+                                        cond_channels=self.cond_channels))
         r = x.clone()
-        t = self.time_mlp(t)
-        if exists(self.params_mlp):
-            t = t + self.params_mlp(cond[PARAMS].to(t.dtype))
+        t = embed_time(t, x.shape[0], self.time_mlp, self.params_mlp, cond)
 
         skips = []
         for block1, block2, attn, downsample in self.downs:
