@@ -3,6 +3,8 @@
 #   ./launch.sh [train flags...]     train (accelerate launch with the config that fits this machine)
 #   ./launch.sh test [pytest args]   run the test suite
 #   ./launch.sh sample [flags...]    sample from a checkpoint (trainer/sample.py)
+#   ./launch.sh evaluate [flags...]  roll a forecaster forward against the solver (trainer/evaluate.py)
+#   ./launch.sh export [flags...]    a checkpoint as a model folder, optionally to the Hub (trainer/export.py)
 # Environment: EDDY_VENV (default .venv), EDDY_TORCH (pip spec for torch, default torch==2.13.0,
 # used only when torch is not installed yet), ACCELERATE_CONFIG (overrides the chosen config).
 set -euo pipefail
@@ -20,7 +22,7 @@ setup() {
         echo "launch.sh: installing ${EDDY_TORCH:-torch==2.13.0}" >&2
         "$PY" -m pip install -q "${EDDY_TORCH:-torch==2.13.0}"
     fi
-    if ! "$PY" -c "import accelerate, einops, ema_pytorch, wandb, datasets, safetensors, yaml, pytest, deepspeed, models, trainer" 2>/dev/null; then
+    if ! "$PY" -c "import accelerate, einops, ema_pytorch, wandb, datasets, safetensors, yaml, matplotlib, pytest, deepspeed, models, trainer" 2>/dev/null; then
         echo "launch.sh: installing Eddy and its dependencies" >&2
         "$PY" -m pip install -q -e ".[dev]"
     fi
@@ -46,6 +48,11 @@ case "${1:-}" in
     sample)
         shift
         exec "$PY" trainer/sample.py "$@"
+        ;;
+    evaluate|export)
+        command=$1
+        shift
+        exec "$PY" "trainer/$command.py" "$@"
         ;;
     *)
         config=$(pick_config)

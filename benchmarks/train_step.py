@@ -1,7 +1,8 @@
 """Time one diffusion training step and DDIM sampling: Eddy against the lucidrains peer.
 
 A benchmark, not a test: it prints numbers and asserts nothing. Measured, at one config for both
-(default: Unet dim 128, dim_mults 1 2 2 2, 3x32x32 images, batch 128):
+(default: Unet dim 128, dim_mults 1 2 2 2, 3x32x32 images, batch 128; with --frames F, clips of F frames:
+Eddy's Unet3D against lucidrains' video-diffusion-pytorch Unet3D):
 
 - training step = forward + backward + AdamW step of the diffusion loss at random timesteps, on
   random data already on the device, for
@@ -24,6 +25,8 @@ stopped part-way keeps what it measured).
     python benchmarks/train_step.py --json bench.json              # GPU, about 1 minute (+ compile)
     python benchmarks/train_step.py --compile --json bench.json    # adds torch.compile for Eddy
     python benchmarks/train_step.py --device cpu --tiny            # seconds: checks the script itself
+    python benchmarks/train_step.py --frames 16 --image_size 64 --dim 64 --dim_mults 1 2 4 8 --batch_size 8 \
+        --precisions bf16 --sample_steps                           # BENCHMARKS.md's Unet3D row
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: `models`
 
-from models import GaussianDiffusion, Unet  # noqa: E402
+from models import GaussianDiffusion, Unet, Unet3D  # noqa: E402
 
 H100_BF16_DENSE_PEAK = 989e12
 TINY = dict(dim=32, dim_mults=[1, 2, 2], image_size=16, batch_size=8, warmup=1, steps=3,
@@ -75,6 +78,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dim_mults", type=int, nargs="+", default=[1, 2, 2, 2])
     p.add_argument("--channels", type=int, default=3)
     p.add_argument("--image_size", type=int, default=32)
+    p.add_argument("--frames", type=int, default=0,
+                   help="frames per clip: 0 benchmarks the 2D Unets; F > 0 the Unet3Ds on [B, C, F, H, W].")
+    p.add_argument("--unet3d_kind", default="factorized", choices=("factorized", "conv3d"),
+                   help="Eddy's Unet3D kind, with --frames.")
     p.add_argument("--batch_size", type=int, default=128)
     p.add_argument("--objective", default="pred_noise", choices=("pred_noise", "pred_x0", "pred_v"),
                    help="what both networks predict (BENCHMARKS.md measures the eps loss).")
@@ -126,7 +133,8 @@ class Subject:
 
     def batch(self, generator: torch.Generator) -> torch.Tensor:
         a = self.args
-        return torch.rand((a.batch_size, a.channels, a.image_size, a.image_size), generator=generator,
+        frames = (a.frames,) if a.frames else ()
+        return torch.rand((a.batch_size, a.channels, *frames, a.image_size, a.image_size), generator=generator,
                           device=a.device)
 
     def sample(self, diffusion: torch.nn.Module, n: int, steps: int) -> torch.Tensor:
@@ -138,8 +146,10 @@ class Eddy(Subject):
 
     def build(self) -> torch.nn.Module:
         a = self.args
-        net = Unet(dim=a.dim, dim_mults=tuple(a.dim_mults), channels=a.channels, attn_heads=4, attn_dim_head=32)
-        return GaussianDiffusion(net, sample_shape=(a.channels, a.image_size, a.image_size), timesteps=1000,
+        common = dict(dim_mults=tuple(a.dim_mults), channels=a.channels, attn_heads=4, attn_dim_head=32)
+        net = Unet3D(a.dim, kind=a.unet3d_kind, **common) if a.frames else Unet(dim=a.dim, **common)
+        frames = (a.frames,) if a.frames else ()
+        return GaussianDiffusion(net, sample_shape=(a.channels, *frames, a.image_size, a.image_size), timesteps=1000,
                                  objective=a.objective, beta_schedule="sigmoid")
 
     def batch(self, generator: torch.Generator) -> torch.Tensor:
@@ -147,6 +157,28 @@ class Eddy(Subject):
 
     def sample(self, diffusion: torch.nn.Module, n: int, steps: int) -> torch.Tensor:
         return diffusion.sample(n, sampling_timesteps=steps)
+
+
+class VideoPeer(Subject):
+    """lucidrains' video-diffusion-pytorch: its Unet3D and GaussianDiffusion on clips [B, C, F, H, W]."""
+
+    name = "video-diffusion-pytorch"
+
+    def __init__(self, args: argparse.Namespace):
+        super().__init__(args)
+        import video_diffusion_pytorch as vdp  # ImportError: the caller reports the peer as skipped
+
+        self.vdp = vdp
+
+    def build(self) -> torch.nn.Module:
+        a = self.args
+        net = self.vdp.Unet3D(dim=a.dim, dim_mults=tuple(a.dim_mults), channels=a.channels)
+        # Its loss takes clips in [0, 1] and normalizes them itself.
+        return self.vdp.GaussianDiffusion(net, image_size=a.image_size, num_frames=a.frames, channels=a.channels,
+                                          timesteps=1000, loss_type="l2")
+
+    def sample(self, diffusion: torch.nn.Module, n: int, steps: int) -> torch.Tensor:
+        return diffusion.sample(batch_size=n)  # ancestral only: --sample_steps does not apply
 
 
 class Peer(Subject):
@@ -401,7 +433,8 @@ def main(argv: list[str] | None = None) -> int:
             args.json.write_text(json.dumps(results, indent=2) + "\n")
 
     print(f"environment: {results['environment']}", flush=True)
-    print(f"config: dim {args.dim}, dim_mults {args.dim_mults}, {args.channels}x{args.image_size}x{args.image_size}, "
+    frames = f"{args.frames}x" if args.frames else ""
+    print(f"config: dim {args.dim}, dim_mults {args.dim_mults}, {args.channels}x{frames}{args.image_size}x{args.image_size}, "
           f"batch {args.batch_size}, {args.objective}, warm-up {args.warmup}, timed {args.steps}", flush=True)
 
     subjects: list[Subject] = []
@@ -409,10 +442,12 @@ def main(argv: list[str] | None = None) -> int:
         if name == "eddy":
             subjects.append(Eddy(args))
             continue
+        peer = VideoPeer if args.frames else Peer
         try:
-            subjects.append(Peer(args))
+            subjects.append(peer(args))
         except Exception as e:  # ImportError, or a broken dependency (torchvision, scipy) beneath it
-            note(f"peer skipped: denoising_diffusion_pytorch could not be imported ({type(e).__name__}: "
+            package = "video_diffusion_pytorch" if args.frames else "denoising_diffusion_pytorch"
+            note(f"peer skipped: {package} could not be imported ({type(e).__name__}: "
                  f"{str(e).splitlines()[0] if str(e) else ''}); install it with pip install '.[bench]'")
 
     plan = [(s, "eager", p) for p in args.precisions for s in subjects]  # Eddy and the peer alternate

@@ -205,3 +205,21 @@ def test_an_error_in_a_dataloader_worker_is_shown_as_its_own_message():
     assert "Traceback" in str(caught.value)  # what torch hands us
     assert user_message(caught.value) == "--train_data_dir /data: image 0 could not be read"
     assert user_message(DataError("plain")) == "plain"
+
+
+@pytest.mark.parametrize("argv, value", [(["--random_flip", "false"], False), (["--random_flip=yes"], True),
+                                         (["--random_flip"], True), (["--no-random_flip"], False),
+                                         (["--self_condition", "0"], False)])
+def test_boolean_flags_take_the_forms_other_training_scripts_use(argv, value):
+    from trainer.train import build_parser
+
+    parsed = vars(build_parser().parse_args(argv))
+    assert list(parsed.values()) == [value]
+
+
+def test_a_boolean_flag_with_another_word_names_the_forms_eddy_takes(capsys):
+    from trainer.train import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--random_flip", "maybe"])
+    assert "--random_flip maybe: write --random_flip or --random_flip true" in capsys.readouterr().err

@@ -169,3 +169,13 @@ def test_bf16_autocast_trains_on_cpu(tmp_path):
     assert state["step"] == 4 and state["nonfinite_skipped"] == 0
     weights = final_weights(run_dir)
     assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in weights["model"].values())
+
+
+def test_a_finished_run_ends_with_a_summary_and_a_loss_curve(tmp_path, capsys):
+    run_dir = train(tmp_path, "--train_num_steps", "4", "--save_and_sample_every", "4")
+    out = capsys.readouterr().out
+    assert "summary: 4 steps, 16 samples seen, 0 skipped step(s), 0 rollback(s)" in out
+    assert f"newest checkpoint: {run_dir / 'checkpoints' / 'step-00000004'}" in out
+    from PIL import Image
+
+    assert Image.open(run_dir / "loss.png").size[0] > 300

@@ -1,39 +1,106 @@
-"""Builders shared by training and sampling: config -> network, diffusion, dataset."""
+"""Builders shared by training, sampling and evaluation: config -> dataset, network, diffusion."""
 
 from __future__ import annotations
 
 import torch
 
-from models import GaussianDiffusion, Unet
-from trainer.config import Config
+from models import GaussianDiffusion
+from trainer.config import Config, is_simulation, is_video
+from trainer.errors import ConfigError
 
 
-def build_network(cfg: Config) -> Unet:
-    m = cfg.model
-    return Unet(dim=m.dim, dim_mults=tuple(m.dim_mults), channels=cfg.data.channels,
-                self_condition=m.self_condition, learned_sinusoidal_cond=m.learned_sinusoidal_cond,
-                random_fourier_features=m.random_fourier_features, dropout=m.dropout,
-                attn_heads=m.attn_heads, attn_dim_head=m.attn_dim_head)
+def network_spec(cfg: Config) -> tuple[str, dict]:
+    """(class name in `models`, constructor keyword arguments) of the run's network."""
+    m, data = cfg.model, cfg.data
+    kwargs = dict(dim=m.dim, dim_mults=list(m.dim_mults), channels=data.channels, cond_channels=data.field_channels,
+                  self_condition=m.self_condition, learned_sinusoidal_cond=m.learned_sinusoidal_cond,
+                  random_fourier_features=m.random_fourier_features, dropout=m.dropout,
+                  attn_heads=m.attn_heads, attn_dim_head=m.attn_dim_head)
+    if m.model == "unet3d":
+        return "Unet3D", {**kwargs, "kind": m.unet3d_kind or "factorized"}
+    return "Unet", kwargs
+
+
+def diffusion_spec(cfg: Config) -> dict:
+    """The `GaussianDiffusion` keyword arguments of the run, but the network."""
+    d = cfg.diffusion
+    return dict(sample_shape=list(sample_shape(cfg)), timesteps=d.timesteps, sampler=d.sampler,
+                sampling_timesteps=d.sampling_timesteps, objective=d.objective, beta_schedule=d.beta_schedule,
+                loss_type=d.loss_type, min_snr_loss_weight=d.min_snr_loss_weight, min_snr_gamma=d.min_snr_gamma,
+                offset_noise_strength=d.offset_noise_strength, ddim_eta=d.ddim_eta,
+                clip_denoised=d.clip_denoised if d.clip_denoised is not None else not is_simulation(cfg),
+                cond_steps=cfg.data.cond_steps)
+
+
+def build_network(cfg: Config) -> torch.nn.Module:
+    import models
+
+    name, kwargs = network_spec(cfg)
+    return getattr(models, name)(**{**kwargs, "dim_mults": tuple(kwargs["dim_mults"])})
+
+
+def sample_shape(cfg: Config) -> tuple[int, ...]:
+    """One sample's shape: (C, H, W) for the 2D Unet, (C, F, H, W) for clips."""
+    data = cfg.data
+    frames = (data.frames,) if cfg.model.model == "unet3d" else ()
+    return (data.channels, *frames, data.image_size, data.image_size)
 
 
 def build_diffusion(cfg: Config, net: torch.nn.Module) -> GaussianDiffusion:
-    d = cfg.diffusion
-    return GaussianDiffusion(
-        net, sample_shape=(cfg.data.channels, cfg.data.image_size, cfg.data.image_size),
-        timesteps=d.timesteps, sampler=d.sampler, sampling_timesteps=d.sampling_timesteps, objective=d.objective,
-        beta_schedule=d.beta_schedule, loss_type=d.loss_type, min_snr_loss_weight=d.min_snr_loss_weight,
-        min_snr_gamma=d.min_snr_gamma, offset_noise_strength=d.offset_noise_strength, ddim_eta=d.ddim_eta,
-        clip_denoised=d.clip_denoised)
+    return GaussianDiffusion(net, **diffusion_spec(cfg))
 
 
-def build_dataset(cfg: Config, *, progress: bool = True):
+def build_dataset(cfg: Config, *, split: str | None = None, progress: bool = True):
+    """The dataset the flags name; `split` overrides --split (evaluation reads "test")."""
+    data = cfg.data
+    split = split or data.split
+    if is_simulation(cfg):
+        from trainer.data.fluid import load_simulation_folder, navier_stokes_dataset
+
+        windows = dict(frames=data.frames, ts=data.ts, traj_len=data.traj_len,
+                       squeeze_frames=cfg.model.model == "unet")
+        if data.dataset == "navier_stokes" and data.train_data_dir is None:
+            return navier_stokes_dataset(preset=data.ns_preset, split=split, num_train=data.num_trajectories,
+                                         num_test=data.num_test_trajectories, channels=tuple(data.ns_channels),
+                                         seed=cfg.train.seed, size=data.ns_size, n_frames=data.traj_len,
+                                         progress=progress, **windows)
+        return load_simulation_folder(data.train_data_dir, state_channels=data.state_channels, **windows)
+    if cfg.model.model == "unet3d" and is_video(cfg):
+        from trainer.data.video import MovingShapesDataset, load_clip_folder
+
+        if data.train_data_dir is None:
+            dataset = MovingShapesDataset(image_size=data.image_size, channels=data.channels, frames=data.frames,
+                                          seed=cfg.train.seed)
+        else:
+            dataset = load_clip_folder(data.train_data_dir, frames=data.frames, ts=data.ts, image_size=data.image_size,
+                                       channels=data.channels, progress=progress)
+        dataset.random_flip = data.random_flip
+        return dataset
     from trainer.data import build_image_dataset
 
-    data = cfg.data
     return build_image_dataset(dataset=data.dataset, train_data_dir=data.train_data_dir,
-                               image_size=data.image_size, channels=data.channels, split=data.split,
+                               image_size=data.image_size, channels=data.channels, split=split,
                                image_column=data.image_column, seed=cfg.train.seed,
                                random_flip=data.random_flip, progress=progress)
+
+
+def fit_config_to_data(cfg: Config, dataset) -> None:
+    """Settle what the data decides before the config is saved: whether samples are clamped to [-1, 1]
+    (images yes, physical fields no), and a simulation's channel counts and frame size, checked against
+    the network's levels."""
+    if cfg.diffusion.clip_denoised is None:
+        cfg.diffusion.clip_denoised = dataset.bounded
+    if not is_simulation(cfg):
+        return
+    size = dataset.image_size
+    if not isinstance(size, int):
+        raise ConfigError(f"{dataset.source}: frames of {size[0]}x{size[1]}; Eddy's networks take square frames.")
+    data = cfg.data
+    data.channels, data.field_channels, data.image_size = dataset.channels, dataset.field_channels, size
+    factor = 2 ** (len(cfg.model.dim_mults) - 1)
+    if size % factor:
+        raise ConfigError(f"{dataset.source}: frames of {size}x{size} are not divisible by 2^(levels-1) = {factor} "
+                          f"for --dim_mults {' '.join(map(str, cfg.model.dim_mults))}; use fewer levels.")
 
 
 def count_parameters(module: torch.nn.Module) -> int:

@@ -39,8 +39,19 @@ def _field(default: Any, help: str, *, choices: tuple | None = None, **kw) -> An
     return field(default=default, metadata=meta, **kw)
 
 
+MODELS = ("unet", "unet3d")
+UNET3D_KINDS = ("factorized", "conv3d")
+NS_PRESETS = ("kolmogorov", "fno")
+NS_CHANNELS = ("vorticity", "u", "v")
+
+
 @dataclass
 class ModelConfig:
+    model: str = _field("unet", "Network: unet (2D: images, single frames) or unet3d (clips of --frames frames).",
+                        choices=MODELS)
+    unet3d_kind: str | None = _field(None, "Unet3D kind (--model unet3d only): factorized (per-frame 2D convolutions, "
+                                     "spatial and temporal attention) or conv3d (3x3x3 convolutions throughout) "
+                                     "(default: factorized).", choices=UNET3D_KINDS)
     dim: int = _field(64, "Base channel width of the Unet.")
     dim_mults: tuple[int, ...] = _field((1, 2, 4, 8), "Width multiplier per resolution level; "
                                         "the image is halved len(dim_mults)-1 times.")
@@ -67,21 +78,43 @@ class DiffusionConfig:
     min_snr_gamma: float = _field(5.0, "Gamma of the min-SNR weighting.")
     offset_noise_strength: float = _field(0.0, "Offset noise strength (0 disables; 0.1 is typical).")
     ddim_eta: float = _field(0.0, "DDIM eta (--sampler ddim only): 0 is deterministic, 1 is DDPM-like.")
-    clip_denoised: bool = _field(True, "Clip predicted x0 to [-1, 1] while sampling "
-                                 "(images: yes; physical fields: no).")
+    clip_denoised: bool | None = _field(None, "Clip predicted x0 to [-1, 1] while sampling "
+                                        "(default: yes for images, no for physical fields).")
 
 
 @dataclass
 class DataConfig:
-    dataset: str = _field("shapes", "A built-in dataset (shapes, two_modes), a Hugging Face Hub "
-                          "dataset name, or a folder saved with datasets' save_to_disk.")
-    train_data_dir: str | None = _field(None, "A folder of images (any depth) to train on; "
-                                        "read with datasets' imagefolder.")
+    dataset: str = _field("shapes", "A built-in dataset (images: shapes, two_modes; clips for --model unet3d: "
+                          "moving_shapes, bouncing shapes; navier_stokes, fluid trajectories generated once, see "
+                          "--ns_preset), a Hugging Face Hub dataset name, or a folder saved with datasets' "
+                          "save_to_disk.")
+    train_data_dir: str | None = _field(None, "A folder of images (any depth) to train on, read with datasets' "
+                                        "imagefolder; of clips for --model unet3d (.gif; .npy/.npz arrays [T, H, W], "
+                                        "[T, H, W, C] or [T, C, H, W]; videos where av or imageio-ffmpeg is "
+                                        "installed); or of simulations, sim_XXXXXX.npz files each holding one "
+                                        "[T, C, H, W] trajectory.")
     image_column: str | None = _field(None, "Image column of a Hub dataset (default: the first image column).")
     split: str = _field("train", "Split of a Hub dataset.")
     image_size: int = _field(32, "Side of the square training images, in pixels.")
     channels: int = _field(3, "Image channels: 3 for RGB, 1 for grayscale.")
-    random_flip: bool = _field(True, "Random horizontal flips, drawn from the seeded step generator.")
+    random_flip: bool = _field(True, "Random horizontal flips of images, drawn from the seeded step generator "
+                               "(simulations are never flipped).")
+    frames: int = _field(1, "Frames per clip (--model unet3d); 1 trains the 2D Unet on single frames.")
+    cond_steps: int = _field(0, "Frames given at the start of every clip (forecasting): seen clean, never "
+                             "generated; 0 generates whole clips.")
+    ts: int = _field(1, "Stride, in frames, between the frames of one window (trajectories and clips).")
+    traj_len: int | None = _field(None, "Frames of each trajectory that windows are cut from (default: all).")
+    state_channels: int | None = _field(None, "Of a simulation folder's channels, the first this many are generated; "
+                                        "the others go in as static fields (default: all are generated).")
+    field_channels: int = _field(0, "Static field channels beside the generated ones; set from a simulation's data.")
+    ns_preset: str = _field("kolmogorov", "Built-in Navier-Stokes data (--dataset navier_stokes): kolmogorov "
+                            "(forcing sin 4y, drag 0.1, Re about 1000; CPU minutes) or fno (Li et al. 2021, "
+                            "viscosity 1e-3, T = 50; a GPU job).", choices=NS_PRESETS)
+    ns_channels: tuple[str, ...] = _field(("vorticity",), "Fields of the Navier-Stokes data, any of: vorticity u v.")
+    ns_size: int | None = _field(None, "Frames of the Navier-Stokes data are ns_size x ns_size (default: the "
+                                 "preset's 64); the solver's grid is as much finer as the preset's.")
+    num_trajectories: int = _field(64, "Training trajectories of --dataset navier_stokes (fno's protocol: 1000).")
+    num_test_trajectories: int = _field(16, "Held-out trajectories of --dataset navier_stokes (fno's protocol: 200).")
     num_workers: int = _field(-1, "DataLoader workers per process; -1 picks 0 on CPU and "
                               "min(8, cores per process - 1) on GPU.")
 
@@ -171,9 +204,12 @@ PRESET_VALUES = {
 RESUME_FREE = {"resume", "run_name", "results_path", "train_num_steps", "save_and_sample_every",
                "num_samples", "log_every", "report_to", "wandb_project", "num_workers",
                "checkpoints_total_limit", "preset", "max_nonfinite_steps", "max_rollbacks"}
+# Fields that a simulation's data decides (trainer/build.py, fit_config_to_data).
+DATA_DERIVED = ("channels", "image_size", "field_channels")
 # Fields that change the numerics of the network or the process: a resume with a different value is refused.
 RESUME_LOCKED = {f.name for f in fields(ModelConfig)} | {
-    "timesteps", "objective", "beta_schedule", "image_size", "channels"}
+    "timesteps", "objective", "beta_schedule", "image_size", "channels", "frames", "cond_steps", "state_channels",
+    "field_channels", "ns_channels", "ns_preset", "ns_size"}
 
 
 def field_specs() -> list[tuple[str, dataclasses.Field, type]]:
@@ -240,7 +276,7 @@ def validate(cfg: Config) -> None:
         for f in fields(SECTIONS[section]):
             choices = f.metadata.get("choices")
             value = getattr(getattr(cfg, section), f.name)
-            if choices and value not in choices:
+            if choices and value is not None and value not in choices:
                 raise ConfigError(f"--{f.name} {value!r} is not one of: {', '.join(choices)}.")
     positive = {"batch_size": t.batch_size, "grad_accum": t.grad_accum, "train_num_steps": t.train_num_steps,
                 "save_and_sample_every": t.save_and_sample_every, "log_every": t.log_every,
@@ -259,11 +295,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"--lr must be positive, got {t.lr}.")
     if not 0.0 <= t.ema_decay < 1.0:
         raise ConfigError(f"--ema_decay must be in [0, 1), got {t.ema_decay}.")
-    check_image_shape(data.image_size, data.channels)
+    validate_clips(cfg)
     if not m.dim_mults or any(x < 1 for x in m.dim_mults):
         raise ConfigError(f"--dim_mults must be one or more positive numbers, got {list(m.dim_mults)}.")
     factor = 2 ** (len(m.dim_mults) - 1)
-    if data.image_size % factor:
+    if not is_simulation(cfg) and data.image_size % factor:  # a simulation's size is checked once it is read
         ok = [s for s in range(factor, 4 * data.image_size + factor, factor) if abs(s - data.image_size) <= factor]
         raise ConfigError(
             f"--image_size {data.image_size} is not divisible by 2^(levels-1) = {factor} for "
@@ -293,6 +329,63 @@ def validate(cfg: Config) -> None:
                           f"Pass a folder of images, or drop the flag to train on a built-in dataset.")
 
 
+def is_simulation(cfg: Config) -> bool:
+    """Whether the run trains on physical fields (built-in Navier-Stokes or a folder of sim_*.npz files)."""
+    from trainer.data.fluid import is_simulation_folder
+
+    return cfg.data.dataset == "navier_stokes" or (
+        cfg.data.train_data_dir is not None and is_simulation_folder(cfg.data.train_data_dir))
+
+
+def is_video(cfg: Config) -> bool:
+    """Whether the data are clips of pictures: --dataset moving_shapes or a --train_data_dir of clip files."""
+    from trainer.data.video import is_clip_folder
+
+    data = cfg.data
+    if data.train_data_dir is None:
+        return data.dataset == "moving_shapes"
+    return not is_simulation(cfg) and is_clip_folder(data.train_data_dir)
+
+
+def validate_clips(cfg: Config) -> None:
+    """The model, clip and data-kind flags together."""
+    m, data = cfg.model, cfg.data
+    if not is_simulation(cfg):
+        check_image_shape(data.image_size, data.channels)
+    if m.model == "unet":
+        if m.unet3d_kind is not None:
+            raise ConfigError(f"--unet3d_kind {m.unet3d_kind} is a Unet3D flag; add --model unet3d, or drop it.")
+        if data.frames != 1 or data.cond_steps:
+            raise ConfigError(f"--frames {data.frames} --cond_steps {data.cond_steps}: the 2D Unet generates single "
+                              f"frames; add --model unet3d for clips.")
+    for name in ("frames", "ts"):
+        if getattr(data, name) < 1:
+            raise ConfigError(f"--{name} must be at least 1, got {getattr(data, name)}.")
+    if data.cond_steps < 0 or (data.cond_steps and data.cond_steps >= data.frames):
+        raise ConfigError(f"--cond_steps {data.cond_steps} must be below --frames {data.frames}: a clip needs at least "
+                          f"one frame to generate.")
+    unknown = [c for c in data.ns_channels if c not in NS_CHANNELS]
+    if unknown or not data.ns_channels:
+        raise ConfigError(f"--ns_channels {' '.join(data.ns_channels)}: the fields are {', '.join(NS_CHANNELS)}.")
+    span = (data.frames - 1) * data.ts + 1
+    if data.traj_len is not None and data.traj_len < span:
+        raise ConfigError(f"--traj_len {data.traj_len} is shorter than one window: --frames {data.frames} with --ts "
+                          f"{data.ts} spans {span} frames.")
+    factor = 2 ** (len(m.dim_mults) - 1)
+    size = data.ns_size or 64
+    if data.dataset == "navier_stokes" and data.train_data_dir is None and size % factor:
+        raise ConfigError(f"--ns_size {size} is not divisible by 2^(levels-1) = {factor} for --dim_mults "
+                          f"{' '.join(map(str, m.dim_mults))}; use a multiple of {factor} or fewer levels.")
+    if data.dataset == "moving_shapes" and data.train_data_dir is not None:
+        raise ConfigError(f"--dataset moving_shapes and --train_data_dir {data.train_data_dir} both name the data; "
+                          f"pass one.")
+    if data.dataset == "moving_shapes" and m.model != "unet3d":
+        raise ConfigError("--dataset moving_shapes gives clips: add --model unet3d and --frames F (e.g. 8).")
+    if m.model == "unet3d" and not (is_simulation(cfg) or is_video(cfg)):
+        raise ConfigError("--model unet3d trains on clips: use --dataset navier_stokes or moving_shapes, or a "
+                          "--train_data_dir of clips (.gif, .npy, .npz, videos) or of sim_XXXXXX.npz trajectories.")
+
+
 def validate_sampling(sampler: str, sampling_timesteps: int, timesteps: int, ddim_eta: float) -> None:
     """The one check of the sampling flags, for training and trainer/sample.py alike."""
     if sampler not in SAMPLER_NAMES:
@@ -315,9 +408,10 @@ def show_value(value: Any) -> str:
 
 
 def config_diff(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """Flat keys whose values differ between two flat config dicts (lists and tuples compare equal)."""
+    """Flat keys of `old` whose values differ in `new` (lists and tuples compare equal). A key that `old`
+    lacks is a flag added since that run, whose default keeps what the run did: not a difference."""
     norm = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # noqa: E731
-    keys = sorted(set(old) | set(new))
+    keys = sorted(old)
     return {k: (old.get(k), new.get(k)) for k in keys if norm(old.get(k)) != norm(new.get(k))}
 
 

@@ -60,8 +60,15 @@ class NullTracker:
     def log_images(self, name: str, grid_path: Path, step: int) -> None:
         pass
 
+    def log_video(self, name: str, gif_path: Path, step: int) -> None:
+        pass
+
     def finish(self) -> None:
         pass
+
+    def log_media(self, name: str, path: Path, step: int) -> None:
+        """An image (PNG) or an animation (GIF), by the file's suffix."""
+        (self.log_video if path.suffix == ".gif" else self.log_images)(name, path, step)
 
 
 class Tracker(NullTracker):
@@ -112,6 +119,17 @@ class AccelerateTracker(Tracker):
             self.raw.log({name: wandb.Image(str(grid_path))}, step=step)
         else:
             image = np.asarray(Image.open(grid_path).convert("RGB"))
+            self.raw.add_image(name, image, global_step=step, dataformats="HWC")
+
+    def log_video(self, name: str, gif_path: Path, step: int) -> None:
+        if self.backend == "wandb":
+            import wandb
+
+            self.raw.log({name: wandb.Video(str(gif_path), format="gif")}, step=step)
+        else:  # TensorBoard's video summaries need moviepy: its last frame as an image
+            with Image.open(gif_path) as gif:
+                gif.seek(gif.n_frames - 1)
+                image = np.asarray(gif.convert("RGB"))
             self.raw.add_image(name, image, global_step=step, dataformats="HWC")
 
     def finish(self) -> None:
@@ -169,4 +187,75 @@ def write_progress_gif(samples_dir: Path, frame_ms: int = 400) -> Path | None:
     images = [Image.open(f).convert("RGB") for f in frames]
     path = samples_dir / "progress.gif"
     images[0].save(path, save_all=True, append_images=images[1:], duration=frame_ms, loop=0)
+    return path
+
+
+def save_media(x: torch.Tensor, stem: Path, *, truth: torch.Tensor | None = None, bounded: bool = True) -> Path:
+    """Images `[N, C, H, W]` as a PNG grid (`stem`.png; `progress.gif` beside it follows the grids of a
+    run), clips `[N, C, F, H, W]` as an animated GIF (`stem`.gif) with `truth` beside each sample when given.
+    `bounded`: values in [-1, 1] (images); else physical fields, shown through a colour map."""
+    if x.ndim == 4:
+        path = save_image_grid(x, stem.with_suffix(".png"), scale=max(1, 128 // x.shape[-1]))
+        if stem.name.startswith("step-"):
+            write_progress_gif(path.parent)
+        return path
+    return save_clip_gif(x, stem.with_suffix(".gif"), truth=truth, bounded=bounded)
+
+
+def save_clip_gif(x: torch.Tensor, path: Path, *, truth: torch.Tensor | None = None, bounded: bool = True,
+                  frame_ms: int = 250) -> Path:
+    """Clips `[N, C, F, H, W]` as one GIF: row n shows clip n, its channels side by side, then the same for
+    `truth[n]`. Fields are coloured with matplotlib's RdBu_r on a symmetric range per channel (the 99.5th
+    percentile of |truth|, or of |x| without truth), so the same colour means the same value everywhere."""
+    panels = [x.detach().float().cpu()] + ([truth.detach().float().cpu()] if truth is not None else [])
+    n, c, frames, h, w = panels[0].shape
+    if bounded:
+        colour = lambda v, ch: np.repeat(to_uint8(v)[..., None], 3, -1)  # noqa: E731  gray per channel
+        if c == 3:
+            panels = [rearrange(p, "n c f h w -> n 1 f h w c") for p in panels]
+            colour = lambda v, ch: to_uint8(v)  # noqa: E731
+    else:
+        from matplotlib import colormaps
+
+        cmap = colormaps["RdBu_r"]
+        ref = panels[-1]
+        scale = [max(float(ref[:, k].abs().flatten().quantile(0.995)), 1e-6) for k in range(c)]
+        colour = lambda v, ch: (cmap(np.clip(v.numpy() / (2 * scale[ch]) + 0.5, 0, 1))[..., :3] * 255  # noqa: E731
+                                ).astype(np.uint8)
+    pad, zoom = 2, max(1, 96 // max(h, w))
+    images = []
+    for f in range(frames):
+        rows = []
+        for i in range(n):
+            tiles = [colour(p[i, k, f], k) for p in panels for k in range(p.shape[1])]
+            rows.append(np.concatenate([np.pad(t, ((pad, pad), (pad, pad), (0, 0)), constant_values=255)
+                                        for t in tiles], axis=1))
+        frame = Image.fromarray(np.concatenate(rows, axis=0))
+        images.append(frame.resize((frame.width * zoom, frame.height * zoom), Image.NEAREST))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    images[0].save(path, save_all=True, append_images=images[1:], duration=frame_ms, loop=0)
+    return path
+
+
+def plot_loss_curve(metrics_jsonl: Path, path: Path) -> Path | None:
+    """The loss of every log point of `metrics.jsonl` against the step, as a PNG (log scale); None when
+    there is nothing to plot."""
+    if not metrics_jsonl.is_file():
+        return None
+    rows = [json.loads(line) for line in metrics_jsonl.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "loss" in r and math.isfinite(r["loss"]) and r["loss"] > 0]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], marker="." if len(rows) < 50 else None)
+    ax.set(xlabel="step", ylabel="training loss", yscale="log", title=f"{metrics_jsonl.parent.name}")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
     return path

@@ -28,9 +28,10 @@ import torch  # noqa: E402
 
 from trainer import checkpoint as ckpt_io  # noqa: E402
 from trainer.config import (  # noqa: E402
-    RESUME_FREE, RESUME_LOCKED, SECTIONS, Config, build_config, config_diff, default_text, field_specs, flatten,
-    load_yaml, show_value, validate)
+    DATA_DERIVED, RESUME_FREE, RESUME_LOCKED, SECTIONS, Config, build_config, config_diff, default_text, field_specs,
+    flatten, is_simulation, load_yaml, show_value, validate)
 from trainer.errors import CheckpointError, ConfigError, EddyError, user_message  # noqa: E402
+from trainer.build import sample_shape  # noqa: E402
 
 EXAMPLES = """\
 examples:
@@ -58,8 +59,8 @@ def _argparse_kwargs(f, typ) -> dict[str, Any]:
     kw: dict[str, Any] = {"help": help_text}
     args = [a for a in get_args(typ) if a is not type(None)]
     base = args[0] if args else typ
-    if typ is bool:
-        kw["action"] = argparse.BooleanOptionalAction
+    if base is bool:
+        kw["action"] = BoolFlag
     elif getattr(typ, "__origin__", None) is tuple:
         kw.update(nargs="+", type=get_args(typ)[0], metavar="N")
     else:
@@ -67,6 +68,30 @@ def _argparse_kwargs(f, typ) -> dict[str, Any]:
         if "choices" in f.metadata:
             kw["choices"] = f.metadata["choices"]
     return kw
+
+
+class BoolFlag(argparse.BooleanOptionalAction):
+    """`--flag` / `--no-flag`, and the forms users of other training scripts type: `--flag false`,
+    `--flag=true` (true/false, yes/no, 1/0)."""
+
+    WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+
+    def __init__(self, option_strings, dest, **kw):
+        super().__init__(option_strings, dest, **kw)
+        self.nargs, self.metavar = "?", "true|false"
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if values is None:
+            return super().__call__(parser, namespace, values, option_string)
+        if option_string.startswith("--no-"):
+            parser.error(f"{option_string} takes no value; write {option_string} alone, or "
+                         f"{option_string.replace('--no-', '--', 1)} {values}.")
+        word = str(values).lower()
+        if word not in self.WORDS:
+            flag = option_string
+            parser.error(f"{flag} {values}: write {flag} or {flag} true to switch it on, --no-{flag[2:]} or "
+                         f"{flag} false to switch it off.")
+        setattr(namespace, self.dest, self.WORDS[word])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,7 +127,11 @@ def resolve_config(args: dict[str, Any]) -> tuple[Config, Path | None, Path | No
         if saved.is_file():
             base = flatten(json.loads(saved.read_text()))
             base.pop("resume", None)
-    cfg = build_config({**base, **explicit}, has_gpu=torch.cuda.is_available())
+    merged = {**base, **explicit}
+    if base and is_simulation(build_config(merged, has_gpu=False)):
+        # A simulation's channel counts and frame size are the data's (fit_config_to_data), not flags.
+        merged.update({k: base[k] for k in DATA_DERIVED if k in base})
+    cfg = build_config(merged, has_gpu=torch.cuda.is_available())
     validate(cfg)
     if base:
         changed = config_diff(base, cfg.flat())
@@ -121,10 +150,10 @@ def run(args: dict[str, Any]) -> Path:
     from accelerate.utils import parse_flag_from_env
 
     from trainer import parallel
-    from trainer.build import build_dataset, build_diffusion, build_network, count_parameters
+    from trainer.build import build_dataset, build_diffusion, build_network, count_parameters, fit_config_to_data
     from trainer.faults import Faults
     from trainer.trainer import Trainer
-    from trainer.tracking import make_tracker, resolve_wandb_mode
+    from trainer.tracking import make_tracker, plot_loss_curve, resolve_wandb_mode
 
     # Taken before any Accelerate state exists, which would otherwise wrap the network itself.
     plan = parallel.plan_from_env()
@@ -165,6 +194,7 @@ def run(args: dict[str, Any]) -> Path:
     # Data, then the model: both before any training step, so bad input fails early.
     with accelerator.main_process_first():
         dataset = build_dataset(cfg, progress=main_proc)
+    fit_config_to_data(cfg, dataset)
     torch.manual_seed(cfg.train.seed)
     net = build_network(cfg)
     diffusion = build_diffusion(cfg, net)
@@ -172,6 +202,8 @@ def run(args: dict[str, Any]) -> Path:
     if main_proc:
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(run_dir / "config.json")
+        if getattr(dataset, "normalization", None) is not None:  # to put samples back in physical units
+            dataset.normalization.save(run_dir / "normalization.json")
     run_id = parallel.main_decides(
         lambda: resume_from.state.get("tracker_run_id") if resume_from else uuid.uuid4().hex[:12], main_proc)
     tracker = make_tracker(accelerator, cfg.run.report_to, run_dir, cfg.run.wandb_project, cfg.to_dict(), run_id)
@@ -184,10 +216,10 @@ def run(args: dict[str, Any]) -> Path:
         f"{strategy.describe()}\n"
         f"batch: {t.batch_size} per device x {processes} x {t.grad_accum} accumulation = "
         f"{t.batch_size * processes * t.grad_accum} per optimizer step\n"
-        f"model: Unet dim {cfg.model.dim} mults {list(cfg.model.dim_mults)}, "
+        f"model: {type(net).__name__} dim {cfg.model.dim} mults {list(cfg.model.dim_mults)}, "
         f"{count_parameters(net) / 1e6:.2f}M parameters, preset {cfg.run.preset}; "
         f"sampling: {d.sampler} {d.sampling_timesteps} steps\n"
-        f"data: {len(dataset)} images of {cfg.data.channels}x{cfg.data.image_size}x{cfg.data.image_size}\n"
+        f"data: {describe_data(cfg, dataset)}\n"
         f"run folder: {run_dir}")
     if wandb_note and main_proc:
         say(f"W&B: {wandb_note}")
@@ -199,6 +231,9 @@ def run(args: dict[str, Any]) -> Path:
         tracker.finish()
     say(f"done: step {state.step} in {time.perf_counter() - start:.0f} s; "
         f"checkpoints in {run_dir / 'checkpoints'}, samples in {run_dir / 'samples'}")
+    if main_proc:
+        curve = plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss.png")
+        say(run_summary(run_dir, state, curve))
     if main_proc and cfg.run.report_to == "wandb" and os.environ.get("WANDB_MODE") == "offline":
         say(f"W&B run saved offline in {tracker.location}; upload it with: wandb sync {tracker.location}")
     # Free the wrapped network, its optimizer and their pending collective work while the interpreter is
@@ -210,6 +245,29 @@ def run(args: dict[str, Any]) -> Path:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return run_dir
+
+
+def run_summary(run_dir: Path, state, curve: Path | None) -> str:
+    """The few lines a finished run ends with: what was done and where everything is."""
+    checkpoints = ckpt_io.list_checkpoints(run_dir)
+    samples = sorted((run_dir / "samples").glob("step-*"))
+    lines = [f"summary: {state.step} steps, {state.images_seen} samples seen, {state.nonfinite_skipped} skipped "
+             f"step(s), {state.rollbacks} rollback(s)",
+             f"  newest checkpoint: {checkpoints[-1] if checkpoints else 'none'}",
+             f"  newest samples:    {samples[-1] if samples else 'none'}"]
+    if curve is not None:
+        lines.append(f"  loss curve:        {curve}")
+    return "\n".join(lines)
+
+
+def describe_data(cfg: Config, dataset) -> str:
+    data = cfg.data
+    shape = "x".join(map(str, sample_shape(cfg)))
+    if not dataset.frames:
+        return f"{len(dataset)} images of {shape}"
+    given = f", the first {data.cond_steps} given" if data.cond_steps else ""
+    fields = f", {data.field_channels} static field channel(s)" if data.field_channels else ""
+    return f"{len(dataset)} windows of {shape} (C, F, H, W; every {data.ts} frame(s){given}{fields})"
 
 
 def _str(path: Path | None) -> str | None:

@@ -23,7 +23,6 @@ import json
 import math
 import os
 import signal
-import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -39,15 +38,16 @@ from models import GaussianDiffusion
 from models.cond import cond_of
 from trainer.checkpoint import Checkpoint, CheckpointManager
 from trainer.config import Config, default_num_workers
-from trainer.data.base import ImageData
+from trainer.data.base import EddyData
 from trainer.data.sampler import ResumableBatchSampler, mix_seed
 from trainer.errors import ConfigError, EddyError
 from trainer.faults import Faults
 from trainer.parallel import Strategy
-from trainer.tracking import NullTracker, save_image_grid, write_progress_gif
+from trainer.preview import Preview
+from trainer.tracking import NullTracker
 
-# Streams of the per-step seed, so that training, sampling and the data preview never share draws.
-_TRAIN, _SAMPLE, _PREVIEW = 1, 2, 3
+# The stream of the per-step seed that training draws from (trainer/preview.py has its own).
+_TRAIN = 1
 
 
 def lr_at(step: int, cfg: Config) -> float:
@@ -84,14 +84,15 @@ class Trainer:
     diffusion: GaussianDiffusion    # unwrapped; the strategy holds the wrapped one
     ema: EMA                        # of the network in fp32, on every rank (each rank's shard under FSDP)
     optimizer: torch.optim.Optimizer
-    dataset: ImageData              # owns its augmentation
+    dataset: EddyData              # owns its augmentation
     sampler: ResumableBatchSampler  # the data position
+    preview: Preview                # save-and-sample pictures
     checkpoints: CheckpointManager
     tracker: NullTracker            # a real one on the main process only
     state: TrainState
 
     def __init__(self, cfg: Config, accelerator: Accelerator, strategy: Strategy, diffusion: GaussianDiffusion,
-                 dataset: ImageData, checkpoints: CheckpointManager, *, tracker: NullTracker | None = None,
+                 dataset: EddyData, checkpoints: CheckpointManager, *, tracker: NullTracker | None = None,
                  resume_from: Checkpoint | None = None, run_id: str = "", faults: Faults | None = None):
         self.cfg, self.accelerator, self.strategy, self.diffusion = cfg, accelerator, strategy, diffusion
         self.dataset, self.checkpoints, self.run_dir = dataset, checkpoints, checkpoints.run_dir
@@ -111,6 +112,7 @@ class Trainer:
         self.sampler = ResumableBatchSampler(len(dataset), t.batch_size, accelerator.process_index,
                                              accelerator.num_processes, t.seed)
         self.loader = make_loader(dataset, self.sampler, cfg.data.num_workers, self.device, accelerator.num_processes)
+        self.preview = Preview(accelerator, diffusion, dataset, self.run_dir, cfg.train.seed)
         self.state = TrainState()
         self._consecutive_nonfinite = 0
         self._stop = _StopSignal()
@@ -129,7 +131,7 @@ class Trainer:
         bar = tqdm(total=t.train_num_steps, initial=self.state.step, disable=not self.accelerator.is_main_process,
                    desc="training", unit="step", dynamic_ncols=True)
         window = _LogWindow(self.device, self.state.images_seen)
-        self._save_data_grid()
+        self.preview.save_data(self.cfg.train.num_samples)
 
         with self._stop.installed():
             while self.state.step < t.train_num_steps:
@@ -251,26 +253,9 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     # Sampling, saving, loading
 
-    @torch.no_grad()
-    def sample(self, num_samples: int) -> torch.Tensor | None:
-        """EMA samples with the configured sampler, split across ranks; the main process gets all of them."""
-        acc = self.accelerator
-        g = torch.Generator(device=self.device).manual_seed(
-            mix_seed(self.cfg.train.seed, _SAMPLE, self.state.step, acc.process_index))
-        with acc.autocast():
-            x = self.diffusion.sample(math.ceil(num_samples / acc.num_processes), model=self.ema.ema_model,
-                                      generator=g, progress=acc.is_main_process and sys.stderr.isatty())
-        x = acc.gather(x.float().contiguous())
-        return x[:num_samples] if acc.is_main_process else None
-
-    def _save_data_grid(self) -> None:
-        """A seeded random draw of training images beside the sample grids, to compare at a glance."""
-        n, path = min(self.cfg.train.num_samples, 64, len(self.dataset)), self.run_dir / "samples" / "data.png"
-        if self.accelerator.is_main_process and n > 0 and not path.exists():
-            draw = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(
-                mix_seed(self.cfg.train.seed, _PREVIEW)))[:n]
-            save_image_grid(torch.stack([self.dataset[i]["x"] for i in draw]), path,
-                            scale=max(1, 128 // self.dataset.image_size))
+    def sample(self, num_samples: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(EMA samples, the data they continue) on the main process, None elsewhere (trainer/preview.py)."""
+        return self.preview.sample(self.ema.ema_model, num_samples, self.state.step)
 
     def check_replicas(self) -> bool:
         """Whether every rank holds the same weights and EMA; writes `replicas.json` on the main process.
@@ -289,12 +274,10 @@ class Trainer:
         return identical
 
     def save_and_sample(self) -> None:
-        samples = self.sample(self.cfg.train.num_samples) if self.cfg.train.num_samples > 0 else None
-        if samples is not None:
-            path = self.run_dir / "samples" / f"step-{self.state.step:08d}.png"
-            save_image_grid(samples, path, scale=max(1, 128 // samples.shape[-1]))
-            write_progress_gif(path.parent)
-            self.tracker.log_images("samples", path, self.state.step)
+        if self.cfg.train.num_samples > 0:
+            path = self.preview.save(self.sample(self.cfg.train.num_samples), self.state.step)
+            if path is not None:
+                self.tracker.log_media("samples", path, self.state.step)
         self.save()
 
     def checkpoint(self) -> Checkpoint | None:
@@ -354,7 +337,7 @@ def make_ema(strategy: Strategy, cfg: Config, device: torch.device) -> EMA:
     return ema
 
 
-def make_loader(dataset: ImageData, sampler: ResumableBatchSampler, num_workers: int, device: torch.device,
+def make_loader(dataset: EddyData, sampler: ResumableBatchSampler, num_workers: int, device: torch.device,
                 processes: int) -> DataLoader:
     """The DataLoader over `sampler`'s batches; `num_workers` -1 picks a count for the device."""
     if num_workers < 0:

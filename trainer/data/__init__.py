@@ -10,8 +10,6 @@ step's seeded generator. Each has the attributes `channels` and `image_size`.
 - any other `--dataset NAME`: a Hugging Face Hub dataset, or a folder saved with `save_to_disk`.
 """
 
-import torch
-
 from trainer.data.base import ImageData, check_image_shape
 from trainer.data.builtin import BUILTIN_DATASETS, ShapesDataset, TwoModesDataset
 from trainer.data.images import ImageDataset, load_hub_dataset, load_image_folder, preprocess_image

@@ -38,16 +38,37 @@ def normalize_index(index, length: int) -> int:
     return i
 
 
-class ImageData(Dataset):
+class EddyData(Dataset):
+    """What the Trainer needs of a dataset: `channels` (generated), `field_channels` (static fields, in
+    `item["fields"]`), `frames` (0 for images), `image_size`, `bounded` (values in [-1, 1], so sampling
+    may clamp), and `augment`, here the identity."""
+
+    channels: int
+    image_size: int | tuple[int, int]
+    frames: int = 0
+    field_channels: int = 0
+    bounded: bool = False
+    random_flip: bool = False
+
+    def augment(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        return batch
+
+
+class ClipData(EddyData):
+    """Base of clip datasets: items `{"x": [C, F, H, W]}`, with `{"fields": [Cf, F, H, W]}` where static
+    fields go beside the state."""
+
+    frames: int
+
+
+class ImageData(EddyData):
     """Base of the image datasets: `image(i)` gives float32 `[C, H, W]` in [-1, 1]; items are `{"x": image}`.
 
     Subclasses set `channels` and `image_size` and implement `__len__` and `image`. `random_flip`
     (set by the builder from `--random_flip`) mirrors each image left-right with probability 1/2.
     """
 
-    channels: int
-    image_size: int
-    random_flip: bool = False
+    bounded = True
 
     def image(self, index: int) -> torch.Tensor:
         raise NotImplementedError
