@@ -198,7 +198,8 @@ def _check_flags(num_samples: int, batch_size: int, seed: int, weights: str) -> 
         raise ConfigError(f"--weights {weights!r} is not one of: {', '.join(WEIGHTS)}.")
 
 
-def _output_folder(out: str | Path | None, run_dir: Path, label: str) -> Path:
+def output_folder(out: str | Path | None, run_dir: Path, label: str, kind: str = "generated") -> Path:
+    """--out (new or empty), or a new `<run>/<kind>/<YYYY-mm-dd_HH-MM-SS>_<label>/`."""
     if out is not None:
         folder = Path(out)
         if folder.exists() and not folder.is_dir():
@@ -206,7 +207,7 @@ def _output_folder(out: str | Path | None, run_dir: Path, label: str) -> Path:
         if folder.is_dir() and any(folder.iterdir()):
             raise ConfigError(f"--out {out} already holds files; pass a new or empty folder.")
         return folder
-    base = run_dir / "generated" / f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{label}"
+    base = run_dir / kind / f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{label}"
     folder, n = base, 1
     while folder.exists():  # two runs within the same second
         n += 1
@@ -237,7 +238,7 @@ def generate(checkpoint: str | Path, *, num_samples: int = 64, batch_size: int =
     steps = d.sampling_timesteps if sampling_timesteps is None else sampling_timesteps
     eta = ddim_eta if ddim_eta is not None else d.ddim_eta if sampler == "ddim" else 0.0
     validate_sampling(sampler, steps, d.timesteps, eta)
-    out_dir = _output_folder(out, run_dir, f"{sampler}_{steps}")
+    out_dir = output_folder(out, run_dir, f"{sampler}_{steps}")
 
     net = build_network(cfg)
     load_weights(net, ckpt_dir / WEIGHTS[weights])
