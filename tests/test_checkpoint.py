@@ -380,9 +380,12 @@ def test_malicious_optimizer_pickle_is_not_executed(tmp_path):
     rewrite_manifest_entry(folder, "optimizer.pt")
     verify(folder)  # the hashes match: only the loader stands in the way
 
-    with pytest.raises(CheckpointError, match="optimizer.pt"):
+    with pytest.raises(CheckpointError, match="optimizer.pt") as refused:
         read_checkpoint(folder)
     assert not pwned.exists()
+    message = str(refused.value)
+    assert "refused for safety" in message and "system" in message and "unless you trust" in message
+    assert "will likely succeed" not in message  # not torch's advice to retry unsafely
 
     warnings = []
     assert load_latest_good(tmp_path / "run", warn=warnings.append) is None

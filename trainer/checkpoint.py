@@ -143,13 +143,25 @@ def read_checkpoint(folder: Path) -> Checkpoint:
     try:
         optimizer = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
     except Exception as e:  # weights_only refuses anything but tensors and plain containers
-        raise CheckpointError(f"{folder / 'optimizer.pt'} could not be loaded safely: {e}") from None
+        raise CheckpointError(unsafe_file_message(folder / "optimizer.pt", e)) from None
     return Checkpoint(
         model=load_file(str(folder / "model.safetensors")),
         ema=load_file(str(folder / "ema.safetensors")),
         optimizer=optimizer,
         state=json.loads((folder / "state.json").read_text()),
     )
+
+
+def unsafe_file_message(path: Path, error: Exception) -> str:
+    """Eddy's words for a file that torch's safe loader refused, in place of torch's advice to retry unsafely."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(error))
+    if found:
+        return (f"{path} was refused for safety: it could not be loaded safely, because besides tensors and numbers "
+                f"it holds a reference to {found.group(1)}, code that would run when the file is loaded. Eddy "
+                f"never runs such code; do not load this file any other way (such as torch.load with "
+                f"weights_only=False) unless you trust where it came from. A checkpoint Eddy wrote never holds "
+                f"code: resume from an earlier one.")
+    return f"{path} could not be loaded safely (only tensors, numbers and plain containers are read): {error}"
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
