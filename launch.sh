@@ -13,7 +13,14 @@ cd "$(dirname "${BASH_SOURCE[0]}")"
 VENV="${EDDY_VENV:-.venv}"
 PY="$VENV/bin/python"
 
-setup() {
+# What each command imports: training, sampling and evaluation need Eddy's own dependencies; the tests
+# also need the dev extra (pytest, TensorBoard, DeepSpeed).
+RUNTIME="accelerate, einops, ema_pytorch, wandb, datasets, safetensors, yaml, matplotlib, models, trainer"
+DEV="$RUNTIME, pytest, tensorboard, deepspeed"
+
+setup() {  # [dev]: install what the command needs, once
+    local imports="$RUNTIME" spec="."
+    if [ "${1:-}" = dev ]; then imports="$DEV" spec=".[dev]"; fi
     if [ ! -x "$PY" ]; then
         echo "launch.sh: creating the virtual environment $VENV" >&2
         python3 -m venv "$VENV"
@@ -22,9 +29,9 @@ setup() {
         echo "launch.sh: installing ${EDDY_TORCH:-torch==2.13.0}" >&2
         "$PY" -m pip install -q "${EDDY_TORCH:-torch==2.13.0}"
     fi
-    if ! "$PY" -c "import accelerate, einops, ema_pytorch, wandb, datasets, safetensors, yaml, matplotlib, pytest, deepspeed, models, trainer" 2>/dev/null; then
-        echo "launch.sh: installing Eddy and its dependencies" >&2
-        "$PY" -m pip install -q -e ".[dev]"
+    if ! "$PY" -c "import $imports" 2>/dev/null; then
+        echo "launch.sh: installing Eddy and its dependencies ($spec)" >&2
+        "$PY" -m pip install -q -e "$spec"
     fi
 }
 
@@ -32,13 +39,13 @@ pick_config() {
     if [ -n "${ACCELERATE_CONFIG:-}" ]; then echo "$ACCELERATE_CONFIG"; return; fi
     local gpus
     gpus=$("$PY" -c "import torch; print(torch.cuda.device_count())")
-    if [ "$gpus" -eq 0 ]; then echo accelerate_configs/cpu.yaml
+    if [ "$gpus" -eq 0 ]; then echo "accelerate_configs/cpu.yaml --num_cpu_threads_per_process $(nproc)"
     elif [ "$gpus" -eq 1 ]; then echo accelerate_configs/single_gpu.yaml
     else echo "accelerate_configs/multi_gpu.yaml --num_processes $gpus"
     fi
 }
 
-setup
+if [ "${1:-}" = test ]; then setup dev; else setup; fi
 case "${1:-}" in
     test)
         shift
@@ -56,6 +63,9 @@ case "${1:-}" in
         ;;
     *)
         config=$(pick_config)
+        case "$config" in  # where DeepSpeed is installed, it would warn that it found no GPU
+            accelerate_configs/cpu*) export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}" ;;
+        esac
         echo "launch.sh: accelerate launch --config_file $config trainer/train.py $*" >&2
         # Preemption: pass SIGTERM/SIGUSR1 to the training processes, which save and exit 0; the
         # launcher then ends normally. (Signalled itself, the launcher would exit non-zero.)

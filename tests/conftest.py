@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -21,6 +23,23 @@ TINY = ["--dataset", "two_modes", "--channels", "1", "--image_size", "8", "--dim
         "--attn_heads", "1", "--attn_dim_head", "8", "--timesteps", "30", "--sampling_timesteps", "4",
         "--batch_size", "4", "--num_samples", "2", "--log_every", "2", "--report_to", "none",
         "--ema_update_after_step", "2", "--ema_update_every", "1", "--lr", "1e-3", "--preset", "tiny"]
+
+
+@contextlib.contextmanager
+def single_thread():
+    """One intra-op thread: tensors in tests are tiny, and two threads fight over a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_thread():
+    with single_thread():
+        yield
 
 
 @pytest.fixture(autouse=True)

@@ -11,20 +11,14 @@ import torch
 from torch import nn
 
 from models import GaussianDiffusion
-from tests.conftest import python, train
+from conftest import python, single_thread, train
 from trainer import evaluate as ev
 from trainer.data.fluid import cache_root
 from trainer.evaluate import (block_relative_l2, correlation, diffusion_window, evaluate, frames_above, main,
                               persistence, relative_l2, rollout, score, window_starts)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two shared cores: one thread is faster than two fighting over them."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # ----------------------------------------------------------------------------------------------
@@ -235,11 +229,9 @@ def runs(tmp_path_factory):
     results = tmp_path_factory.mktemp("results")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("EDDY_CACHE", str(tmp_path_factory.mktemp("cache")))
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        forecaster = train(results, *FORECASTER, run_name="forecaster")
-        images = train(results, "--train_num_steps", "2", "--save_and_sample_every", "2", run_name="images")
-        torch.set_num_threads(threads)
+        with single_thread():
+            forecaster = train(results, *FORECASTER, run_name="forecaster")
+            images = train(results, "--train_num_steps", "2", "--save_and_sample_every", "2", run_name="images")
         yield forecaster, images
 
 

@@ -15,13 +15,7 @@ from trainer.errors import ConfigError, DataError
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two shared cores: one thread is faster than two fighting over them."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def grid(n: int, length: float) -> tuple[torch.Tensor, torch.Tensor]:

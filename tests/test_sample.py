@@ -190,3 +190,13 @@ def test_script_form_runs_from_the_repo_root(run_dir, tmp_path):
     here = generate(run_dir, num_samples=3, batch_size=2, seed=5, out=tmp_path / "i", **quiet())
     with np.load(tmp_path / "s" / "samples.npz") as f:
         assert np.array_equal(f["samples"], here.samples.to(torch.float16).numpy())
+
+
+def test_dpm_solver_from_the_command_line_names_its_folder_by_the_sampler(run_dir, capsys):
+    from trainer.sample import main
+
+    assert main([str(run_dir), "--sampler", "dpmpp_2m", "--sampling_timesteps", "3", "--num_samples", "2"]) == 0
+    folders = sorted((run_dir / "generated").glob("*_dpmpp_2m_3"))
+    assert folders and json.loads((folders[-1] / "info.json").read_text())["sampler"] == "dpmpp_2m"
+    assert main([str(run_dir), "--sampler", "dpmpp_2m", "--ddim_eta", "0.5"]) == 2
+    assert "--ddim_eta 0.5 applies to --sampler ddim only" in capsys.readouterr().err

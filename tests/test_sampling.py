@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import single_thread
 from models import GaussianDiffusion
 from models.diffusion import sigmoid_beta_schedule
 from models.sampling import SAMPLER_NAMES, SAMPLERS, ddim, ddpm, dpmpp_2m, time_grid
@@ -30,12 +31,9 @@ GOLDEN_CALLS = {
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tensors here are tiny: one intra-op thread is faster, and far faster on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread():
+    with single_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

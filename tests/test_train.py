@@ -179,3 +179,19 @@ def test_a_finished_run_ends_with_a_summary_and_a_loss_curve(tmp_path, capsys):
     from PIL import Image
 
     assert Image.open(run_dir / "loss.png").size[0] > 300
+
+
+def test_save_and_sample_uses_the_sampler_the_flags_name(tmp_path, monkeypatch):
+    import models.sampling as sampling
+
+    calls = []
+    real = sampling.SAMPLERS["dpmpp_2m"]
+
+    def recording(denoise, x, grid, **kw):
+        calls.append(len(grid.steps))
+        return real(denoise, x, grid, **kw)
+
+    monkeypatch.setitem(sampling.SAMPLERS, "dpmpp_2m", recording)
+    train(tmp_path, "--sampler", "dpmpp_2m", "--sampling_timesteps", "3", "--train_num_steps", "2",
+          "--save_and_sample_every", "2")
+    assert calls == [3]

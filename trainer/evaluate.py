@@ -55,11 +55,10 @@ from typing import Any, Callable  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from models.sampling import SAMPLER_NAMES  # noqa: E402
 from trainer.config import Config, validate_sampling  # noqa: E402
 from trainer.errors import CheckpointError, ConfigError, DataError, EddyError  # noqa: E402
 from trainer.sample import (  # noqa: E402
-    WEIGHTS, _resolve_device, output_folder, checkpoint_config, load_weights, resolve_checkpoint)
+    WEIGHTS, _resolve_device, add_sampling_flags, output_folder, checkpoint_config, load_weights, resolve_checkpoint)
 
 CORR_THRESHOLD = 0.8
 GIF_TRAJECTORIES = 4  # trajectories shown in rollout.gif
@@ -95,16 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "used in training, --traj_len, or the held-out data's).")
     p.add_argument("--batch_size", type=int, default=16,
                    help="Trajectories rolled out at once (default: 16). Part of what fixes the numbers of a seed.")
-    p.add_argument("--sampler", choices=SAMPLER_NAMES, default=None,
-                   help="ddpm, ddim or dpmpp_2m (default: the run's --sampler).")
-    p.add_argument("--sampling_timesteps", type=int, default=None,
-                   help="Network evaluations per window, at most the run's --timesteps "
-                        "(default: the run's --sampling_timesteps).")
-    p.add_argument("--ddim_eta", type=float, default=None,
-                   help="DDIM eta, --sampler ddim only (default: the run's --ddim_eta, or 0 with another --sampler).")
-    p.add_argument("--seed", type=int, default=0, help="Seed of the sampling noise (default: 0).")
-    p.add_argument("--weights", choices=tuple(WEIGHTS), default="ema",
-                   help="Roll out with the EMA weights or the raw trained weights (default: ema).")
+    add_sampling_flags(p, "window")
     p.add_argument("--out", default=None,
                    help="Output folder; must be new or empty "
                         "(default: <run>/evaluation/<YYYY-mm-dd_HH-MM-SS>_<sampler>_<steps>/).")

@@ -63,18 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_samples", type=int, default=64, help="Samples to generate (default: 64).")
     p.add_argument("--batch_size", type=int, default=64,
                    help="Samples generated at once (default: 64). Part of what fixes the samples of a seed.")
-    p.add_argument("--sampler", choices=SAMPLER_NAMES, default=None,
-                   help="ddpm (ancestral), ddim, or dpmpp_2m (DPM-Solver++ 2M, good at 10-25 steps) "
-                        "(default: the run's --sampler).")
-    p.add_argument("--sampling_timesteps", type=int, default=None,
-                   help="Network evaluations per sample, at most the run's --timesteps "
-                        "(default: the run's --sampling_timesteps).")
-    p.add_argument("--ddim_eta", type=float, default=None,
-                   help="DDIM eta, --sampler ddim only: 0 is deterministic, 1 is DDPM-like "
-                        "(default: the run's --ddim_eta, or 0 with another --sampler).")
-    p.add_argument("--seed", type=int, default=0, help="Seed of the sampling noise (default: 0).")
-    p.add_argument("--weights", choices=tuple(WEIGHTS), default="ema",
-                   help="Sample with the EMA weights or the raw trained weights (default: ema).")
+    add_sampling_flags(p, "sample")
     p.add_argument("--out", default=None,
                    help="Output folder; must be new or empty "
                         "(default: <run>/generated/<YYYY-mm-dd_HH-MM-SS>_<sampler>_<steps>/).")
@@ -84,6 +73,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results_path", default="results",
                    help="Folder of runs that `latest` searches (default: results).")
     return p
+
+
+def add_sampling_flags(p: argparse.ArgumentParser, what: str) -> None:
+    """--sampler, --sampling_timesteps, --ddim_eta, --seed and --weights, for the commands that sample a checkpoint
+    (checked with trainer.config.validate_sampling). `what` is the sampled unit, for the help text."""
+    p.add_argument("--sampler", choices=SAMPLER_NAMES, default=None,
+                   help="ddpm (ancestral), ddim, or dpmpp_2m (DPM-Solver++ 2M, good at 10-25 steps) "
+                        "(default: the run's --sampler).")
+    p.add_argument("--sampling_timesteps", type=int, default=None,
+                   help=f"Network evaluations per {what}, at most the run's --timesteps "
+                        "(default: the run's --sampling_timesteps).")
+    p.add_argument("--ddim_eta", type=float, default=None,
+                   help="DDIM eta, --sampler ddim only: 0 is deterministic, 1 is DDPM-like "
+                        "(default: the run's --ddim_eta, or 0 with another --sampler).")
+    p.add_argument("--seed", type=int, default=0, help="Seed of the sampling noise (default: 0).")
+    p.add_argument("--weights", choices=tuple(WEIGHTS), default="ema",
+                   help="Use the EMA weights or the raw trained weights (default: ema).")
 
 
 def main(argv: list[str] | None = None) -> int:

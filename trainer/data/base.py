@@ -77,9 +77,12 @@ class ImageData(EddyData):
         return {"x": self.image(normalize_index(index, len(self)))}
 
     def augment(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
-        """Random horizontal flips of `batch["x"]` [B, C, H, W], one draw per sample from `generator`."""
-        if not self.random_flip:
-            return batch
-        x = batch["x"]
-        flip = torch.rand(x.shape[0], device=x.device, generator=generator) < 0.5
-        return {**batch, "x": torch.where(flip.view(-1, *([1] * (x.ndim - 1))), x.flip(-1), x)}
+        return random_hflip(batch, generator) if self.random_flip else batch
+
+
+def random_hflip(batch: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """`batch["x"]` [B, C, ..., W] with each sample mirrored along its last axis with probability 1/2, one
+    draw per sample from `generator`: a clip [C, F, H, W] is mirrored whole, every frame the same way."""
+    x = batch["x"]
+    flip = torch.rand(x.shape[0], device=x.device, generator=generator) < 0.5
+    return {**batch, "x": torch.where(flip.view(-1, *([1] * (x.ndim - 1))), x.flip(-1), x)}

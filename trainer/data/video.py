@@ -59,7 +59,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageSequence
 
-from trainer.data.base import ClipData, check_image_shape, normalize_index
+from trainer.data.base import ClipData, check_image_shape, normalize_index, random_hflip
 from trainer.data.builtin import ShapesDataset, _rng
 from trainer.data.fluid import SIM_FILE
 from trainer.data.images import _is_hidden, preprocess_image
@@ -138,14 +138,6 @@ class WindowIndex:
     def frame_slice(self, start: int) -> slice:
         """The frames of the window at `start`, as a slice of its sequence."""
         return slice(start, start + self.span, self.ts)
-
-
-def random_hflip(batch: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """`batch["x"]` [B, C, ..., W] with each sample mirrored along its last axis with probability 1/2, one
-    draw per sample from `generator`: a clip [C, F, H, W] is mirrored whole, every frame the same way."""
-    x = batch["x"]
-    flip = torch.rand(x.shape[0], device=x.device, generator=generator) < 0.5
-    return {**batch, "x": torch.where(flip.view(-1, *([1] * (x.ndim - 1))), x.flip(-1), x)}
 
 
 class VideoData(ClipData):
