@@ -184,3 +184,26 @@ def test_clip_training_resumes_bit_exactly_with_one_and_two_processes(tmp_path):
     launch(tmp_path / "d", "--run_name", "r", "--train_num_steps", "3")
     launch(tmp_path / "d", "--resume", "latest", "--train_num_steps", "6")
     assert_same(final_weights(tmp_path / "c" / "r"), final_weights(tmp_path / "d" / "r"))
+
+
+def test_evaluation_during_training_keeps_the_best_checkpoint_beside_the_pruned_ones(tmp_path, capsys):
+    run_dir = train(tmp_path, *NS, "--train_num_steps", "8", "--save_and_sample_every", "2", "--eval_every", "2",
+                    "--eval_trajectories", "2", "--checkpoints_total_limit", "2", "--num_samples", "0")
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    scored = [r for r in rows if "eval/fno_relative_l2" in r]
+    assert [r["step"] for r in scored] == [2, 4, 6, 8]
+    assert all(0 < r["eval/fno_relative_l2"] < 10 and r["eval/persistence_fno_relative_l2"] > 0 for r in scored)
+    evals = [(r["step"], r["eval/fno_relative_l2"]) for r in scored]
+    best_step, best = min(evals, key=lambda e: e[1])
+    best_state = json.loads((run_dir / "checkpoints" / "best" / "state.json").read_text())
+    assert best_state["step"] == best_step and best_state["best_metric"] == pytest.approx(best)
+    names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert names == ["best", "step-00000006", "step-00000008"]  # pruned to 2, best kept
+    assert f"best checkpoint:   {run_dir / 'checkpoints' / 'best'}" in capsys.readouterr().out
+
+
+def test_eval_every_is_for_forecasters(tmp_path, capsys):
+    from trainer.train import main
+
+    assert main(["--eval_every", "10", "--results_path", str(tmp_path)]) == 2
+    assert "--eval_every evaluates forecasters" in capsys.readouterr().err

@@ -36,6 +36,7 @@ from trainer.errors import CheckpointError
 from trainer.parallel.base import main_decides
 
 MARKER = "COMMITTED"
+BEST = "best"  # checkpoints/best: the best by the run's evaluation metric, beside the newest ones
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -182,7 +183,7 @@ def clean_leftovers(run_dir: Path) -> list[Path]:
     ckpt_root = run_dir / "checkpoints"
     removed = []
     if ckpt_root.is_dir():
-        for p in ckpt_root.glob(".old-step-*"):
+        for p in ckpt_root.glob(".old-*"):
             target = ckpt_root / p.name[len(".old-"):]
             if not (target / MARKER).is_file() and (p / MARKER).is_file():
                 shutil.rmtree(target, ignore_errors=True)
@@ -292,14 +293,17 @@ class CheckpointManager:
         self.run_dir, self.keep, self.is_main, self.say = run_dir, keep, is_main, say
         self.before_commit = before_commit or (lambda step: None)
 
-    def save(self, step: int, ckpt: Checkpoint | None) -> bool:
-        """Commit `ckpt` (the main process's; None on the others) as the checkpoint of `step`. A failed write
-        keeps the previous checkpoints; every rank gets a warning-free True or the same False."""
+    def save(self, step: int, ckpt: Checkpoint | None, *, best: bool = False) -> bool:
+        """Commit `ckpt` (the main process's; None on the others) as the checkpoint of `step`, or with `best`
+        as `checkpoints/best`, which pruning never touches. A failed write keeps the previous checkpoints;
+        every rank gets the same outcome."""
+
         def write() -> str | None:
             try:
-                write_checkpoint(self.run_dir / "checkpoints" / step_dir_name(step), ckpt,
+                write_checkpoint(self.run_dir / "checkpoints" / (BEST if best else step_dir_name(step)), ckpt,
                                  before_commit=self.before_commit(step))
-                prune(self.run_dir, self.keep)
+                if not best:
+                    prune(self.run_dir, self.keep)
             except OSError as e:
                 kept = list_checkpoints(self.run_dir)
                 return (f"saving the checkpoint of step {step} failed ({e}); "

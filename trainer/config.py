@@ -140,6 +140,10 @@ class TrainConfig:
     save_and_sample_every: int = _field(1000, "Save a checkpoint and an EMA sample grid every this many steps.")
     num_samples: int = _field(16, "Samples per save-and-sample, split across processes.")
     log_every: int = _field(10, "Reduce and log loss, LR, gradient norm and throughput every this many steps.")
+    eval_every: int = _field(0, "Evaluate every this many steps (0: never) and keep the best checkpoint in "
+                             "checkpoints/best: forecasters are rolled out on held-out trajectories and judged by "
+                             "the relative L2 of the predicted frames.")
+    eval_trajectories: int = _field(4, "Held-out trajectories rolled out at each --eval_every.")
     mixed_precision: str = _field("auto", "auto: bf16 on GPUs that support it, else no.", choices=MIXED_PRECISION)
     seed: int = _field(0, "Seed of the data order, the noise and the initial weights.")
     max_nonfinite_steps: int = _field(20, "Consecutive steps with a non-finite loss or gradient (each one "
@@ -201,7 +205,8 @@ PRESET_VALUES = {
 
 # Fields that are not part of the model/data contract of a checkpoint: they may change on resume
 # without being reported as a difference.
-RESUME_FREE = {"resume", "run_name", "results_path", "train_num_steps", "save_and_sample_every",
+RESUME_FREE = {"resume", "run_name", "results_path", "train_num_steps", "save_and_sample_every", "eval_every",
+               "eval_trajectories",
                "num_samples", "log_every", "report_to", "wandb_project", "num_workers",
                "checkpoints_total_limit", "preset", "max_nonfinite_steps", "max_rollbacks"}
 # Fields that a simulation's data decides (trainer/build.py, fit_config_to_data).
@@ -287,6 +292,9 @@ def validate(cfg: Config) -> None:
     for name, value in positive.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ConfigError(f"--{name} must be a whole number of at least 1, got {value!r}.")
+    if t.eval_every < 0 or t.eval_trajectories < 1:
+        raise ConfigError(f"--eval_every must be 0 or more and --eval_trajectories at least 1, got {t.eval_every} "
+                          f"and {t.eval_trajectories}.")
     if t.max_rollbacks < 0:
         raise ConfigError(f"--max_rollbacks must be 0 or more, got {t.max_rollbacks}.")
     if t.num_samples < 0:
@@ -376,6 +384,11 @@ def validate_clips(cfg: Config) -> None:
     if data.dataset == "navier_stokes" and data.train_data_dir is None and size % factor:
         raise ConfigError(f"--ns_size {size} is not divisible by 2^(levels-1) = {factor} for --dim_mults "
                           f"{' '.join(map(str, m.dim_mults))}; use a multiple of {factor} or fewer levels.")
+    if cfg.train.eval_every and (m.model != "unet3d" or not data.cond_steps or data.dataset != "navier_stokes"
+                                 or data.train_data_dir):
+        raise ConfigError("--eval_every evaluates forecasters on held-out data: --model unet3d --cond_steps k on "
+                          "--dataset navier_stokes (whose test split it rolls out). For other runs use "
+                          "trainer/evaluate.py or trainer/sample.py on the checkpoints, or drop --eval_every.")
     if data.dataset == "moving_shapes" and data.train_data_dir is not None:
         raise ConfigError(f"--dataset moving_shapes and --train_data_dir {data.train_data_dir} both name the data; "
                           f"pass one.")

@@ -152,6 +152,7 @@ def run(args: dict[str, Any]) -> Path:
     from trainer import parallel
     from trainer.build import build_dataset, build_diffusion, build_network, count_parameters, fit_config_to_data
     from trainer.faults import Faults
+    from trainer.monitor import make_monitor
     from trainer.trainer import Trainer
     from trainer.tracking import make_tracker, plot_loss_curve, resolve_wandb_mode
 
@@ -198,6 +199,8 @@ def run(args: dict[str, Any]) -> Path:
     torch.manual_seed(cfg.train.seed)
     net = build_network(cfg)
     diffusion = build_diffusion(cfg, net)
+    with accelerator.main_process_first():
+        monitor = make_monitor(cfg, diffusion, accelerator.device, progress=main_proc)
 
     if main_proc:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -208,7 +211,7 @@ def run(args: dict[str, Any]) -> Path:
         lambda: resume_from.state.get("tracker_run_id") if resume_from else uuid.uuid4().hex[:12], main_proc)
     tracker = make_tracker(accelerator, cfg.run.report_to, run_dir, cfg.run.wandb_project, cfg.to_dict(), run_id)
     trainer = Trainer(cfg, accelerator, strategy, diffusion, dataset, checkpoints, tracker=tracker,
-                      resume_from=resume_from, run_id=run_id, faults=faults)
+                      resume_from=resume_from, run_id=run_id, faults=faults, monitor=monitor)
 
     t, d = cfg.train, cfg.diffusion
     processes = accelerator.num_processes
@@ -255,6 +258,9 @@ def run_summary(run_dir: Path, state, curve: Path | None) -> str:
              f"step(s), {state.rollbacks} rollback(s)",
              f"  newest checkpoint: {checkpoints[-1] if checkpoints else 'none'}",
              f"  newest samples:    {samples[-1] if samples else 'none'}"]
+    if state.best_metric is not None:
+        lines.append(f"  best checkpoint:   {run_dir / 'checkpoints' / ckpt_io.BEST} (evaluation {state.best_metric:.4g} "
+                     f"at step {state.best_step})")
     if curve is not None:
         lines.append(f"  loss curve:        {curve}")
     return "\n".join(lines)

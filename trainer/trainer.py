@@ -42,7 +42,8 @@ from trainer.data.base import EddyData
 from trainer.data.sampler import ResumableBatchSampler, mix_seed
 from trainer.errors import ConfigError, EddyError
 from trainer.faults import Faults
-from trainer.parallel import Strategy
+from trainer.monitor import NullMonitor
+from trainer.parallel import Strategy, main_decides
 from trainer.preview import Preview
 from trainer.tracking import NullTracker
 
@@ -76,6 +77,8 @@ class TrainState:
     nonfinite_skipped: int = 0    # steps skipped for a non-finite loss or gradient
     rollbacks: int = 0            # returns to the last checkpoint after a run of non-finite steps
     tracker_run_id: str = ""      # the W&B run that a resume continues
+    best_metric: float | None = None  # the best evaluation so far (lower is better), saved in checkpoints/best
+    best_step: int | None = None
 
 
 class Trainer:
@@ -93,10 +96,11 @@ class Trainer:
 
     def __init__(self, cfg: Config, accelerator: Accelerator, strategy: Strategy, diffusion: GaussianDiffusion,
                  dataset: EddyData, checkpoints: CheckpointManager, *, tracker: NullTracker | None = None,
-                 resume_from: Checkpoint | None = None, run_id: str = "", faults: Faults | None = None):
+                 resume_from: Checkpoint | None = None, run_id: str = "", faults: Faults | None = None,
+                 monitor: NullMonitor | None = None):
         self.cfg, self.accelerator, self.strategy, self.diffusion = cfg, accelerator, strategy, diffusion
         self.dataset, self.checkpoints, self.run_dir = dataset, checkpoints, checkpoints.run_dir
-        self.tracker, self.faults = tracker or NullTracker(), faults or Faults()
+        self.tracker, self.faults, self.monitor = tracker or NullTracker(), faults or Faults(), monitor or NullMonitor()
         self.device = accelerator.device
         t = cfg.train
 
@@ -165,6 +169,10 @@ class Trainer:
                     metrics = window.flush(self.accelerator, self.state, lr_at(self.state.step - 1, self.cfg))
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
                     self.tracker.log(metrics, self.state.step)
+
+                # Evaluate, and keep the best checkpoint.
+                if t.eval_every and self.state.step % t.eval_every == 0:
+                    self.evaluate()
 
                 # Save and sample.
                 if self.state.step % t.save_and_sample_every == 0 or last:
@@ -273,6 +281,16 @@ class Trainer:
                                        f"of training; see {self.run_dir / 'replicas.json'}")
         return identical
 
+    def evaluate(self) -> None:
+        """Score the EMA network (trainer/monitor.py); a new best is saved as checkpoints/best."""
+        metrics = self.monitor(self.ema.ema_model, self.state.step)
+        self.tracker.log(metrics, self.state.step)
+        value = main_decides(lambda: metrics[self.monitor.metric], self.accelerator.is_main_process)
+        if self.state.best_metric is None or value < self.state.best_metric:
+            self.state.best_metric, self.state.best_step = value, self.state.step
+            self.accelerator.wait_for_everyone()
+            self.checkpoints.save(self.state.step, self.checkpoint(), best=True)
+
     def save_and_sample(self) -> None:
         if self.cfg.train.num_samples > 0:
             path = self.preview.save(self.sample(self.cfg.train.num_samples), self.state.step)
@@ -312,7 +330,8 @@ class Trainer:
         s = ck.state
         self.state = TrainState(step=s["step"], images_seen=s["images_seen"],
                                 nonfinite_skipped=s.get("nonfinite_skipped", 0), rollbacks=s.get("rollbacks", 0),
-                                tracker_run_id=s.get("tracker_run_id", ""))
+                                tracker_run_id=s.get("tracker_run_id", ""), best_metric=s.get("best_metric"),
+                                best_step=s.get("best_step"))
         replay = self.sampler.set_position(s["data_epoch"], s["data_offset"])
         old = (s.get("world_size"), s.get("batch_size"), s.get("grad_accum"))
         new = (self.accelerator.num_processes, self.cfg.train.batch_size, self.cfg.train.grad_accum)
