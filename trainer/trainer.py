@@ -272,14 +272,9 @@ class Trainer:
         if states is None:
             return True
         digests = gather_object([digest(states)])
-        identical = len(set(digests)) == 1
         if self.accelerator.is_main_process:
-            (self.run_dir / "replicas.json").write_text(json.dumps(
-                {"step": self.state.step, "digests": digests, "identical": identical}, indent=2))
-            if not identical:
-                self.accelerator.print(f"WARNING: the {len(digests)} processes hold different weights at the end "
-                                       f"of training; see {self.run_dir / 'replicas.json'}")
-        return identical
+            write_replicas(self.run_dir / "replicas.json", self.state.step, digests, self.accelerator.print)
+        return len(set(digests)) == 1
 
     def evaluate(self) -> None:
         """Score the EMA network (trainer/monitor.py); a new best is saved as checkpoints/best."""
@@ -363,6 +358,14 @@ def make_loader(dataset: EddyData, sampler: ResumableBatchSampler, num_workers: 
         num_workers = default_num_workers(device.type == "cuda", int(os.environ.get("LOCAL_WORLD_SIZE", processes)))
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=device.type == "cuda",
                       persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None)
+
+
+def write_replicas(path, step: int, digests: list[str], say) -> None:
+    """replicas.json: every rank's digest at the end of training, and whether they agree (warned if not)."""
+    identical = len(set(digests)) == 1
+    path.write_text(json.dumps({"step": step, "digests": digests, "identical": identical}, indent=2))
+    if not identical:
+        say(f"WARNING: the {len(digests)} processes hold different weights at the end of training; see {path}")
 
 
 def digest(state_dicts: list[dict[str, torch.Tensor]]) -> str:
