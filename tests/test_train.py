@@ -84,7 +84,7 @@ def test_run_folder_holds_checkpoint_grids_config_and_wandb_run(tmp_path):
     assert len(wandb_runs) == 1 and any(wandb_runs[0].glob("*.wandb"))
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [2, 4, 6]
-    assert all(m["loss"] > 0 and m["images_seen"] == 4 * m["step"] for m in metrics)
+    assert all(m["loss"] > 0 and m["images_seen"] == 4 * m["step"] and 0 <= m["data_wait"] < 1 for m in metrics)
     state = json.loads((list_checkpoints(run_dir)[-1] / "state.json").read_text())
     assert state["step"] == 6 and state["images_seen"] == 24
 

@@ -124,3 +124,17 @@ def test_grad_accum_clips_once_per_step(tmp_path):
     trainer = make_trainer(tmp_path, grad_accum=3, train_num_steps=2, save_and_sample_every=100, num_samples=0)
     state = trainer.train()
     assert trainer.strategy.clipped == 2 and state.images_seen == 2 * 3 * 4
+
+
+def test_data_wait_is_the_share_of_time_spent_waiting_for_batches(tmp_path, monkeypatch):
+    import time
+
+    from trainer.data.builtin import TwoModesDataset
+
+    real = TwoModesDataset.image
+    monkeypatch.setattr(TwoModesDataset, "image", lambda self, i: time.sleep(0.05) or real(self, i))
+    tracker = RecordingTracker()
+    make_trainer(tmp_path, tracker=tracker, train_num_steps=4, log_every=2, save_and_sample_every=100,
+                 num_samples=0).train()
+    waits = [metrics["data_wait"] for _, metrics in tracker.logged]
+    assert len(waits) == 2 and all(0.5 < w <= 1.0 for w in waits), waits  # 0.2 s of loading a step, in this thread

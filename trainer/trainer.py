@@ -118,7 +118,7 @@ class Trainer:
         self.loader = make_loader(dataset, self.sampler, cfg.data.num_workers, self.device, accelerator.num_processes)
         self.preview = Preview(accelerator, diffusion, dataset, self.run_dir, cfg.train.seed)
         self.state = TrainState()
-        self._consecutive_nonfinite = 0
+        self._consecutive_nonfinite, self._data_wait = 0, 0.0  # seconds spent waiting for batches
         self._stop = _StopSignal()
         self._stop_flag = torch.zeros((), device=self.device)
         if resume_from is not None:
@@ -134,7 +134,7 @@ class Trainer:
         batches = self._batches()
         bar = tqdm(total=t.train_num_steps, initial=self.state.step, disable=not self.accelerator.is_main_process,
                    desc="training", unit="step", dynamic_ncols=True)
-        window = _LogWindow(self.device, self.state.images_seen)
+        window = _LogWindow(self.device, self.state.images_seen, self._data_wait)
         self.preview.save_data(self.cfg.train.num_samples)
 
         with self._stop.installed():
@@ -149,7 +149,7 @@ class Trainer:
                 if skip:
                     self.strategy.skip()
                     if self._on_nonfinite():  # rolled back to the last checkpoint: restart from there
-                        batches, window = self._batches(), _LogWindow(self.device, self.state.images_seen)
+                        batches, window = self._batches(), _LogWindow(self.device, self.state.images_seen, self._data_wait)
                         bar.reset(total=t.train_num_steps)
                         bar.update(self.state.step)
                         continue
@@ -166,7 +166,8 @@ class Trainer:
                 # place losses reach the host.
                 last = self.state.step == t.train_num_steps
                 if self.state.step % t.log_every == 0 or last or stop:
-                    metrics = window.flush(self.accelerator, self.state, lr_at(self.state.step - 1, self.cfg))
+                    metrics = window.flush(self.accelerator, self.state, lr_at(self.state.step - 1, self.cfg),
+                                           self._data_wait)
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
                     self.tracker.log(metrics, self.state.step)
 
@@ -193,7 +194,9 @@ class Trainer:
         t = self.cfg.train
         total = torch.zeros((), device=self.device)
         for micro in range(t.grad_accum):
+            waited = time.perf_counter()
             batch = next(batches)
+            self._data_wait += time.perf_counter() - waited
             with self.strategy.micro_batch(last=micro == t.grad_accum - 1):
                 seed = mix_seed(t.seed, _TRAIN, self.state.step, micro, self.accelerator.process_index,
                                 self.state.rollbacks)
@@ -403,15 +406,15 @@ class _StopSignal:
 class _LogWindow:
     """Accumulates loss and gradient norm on the device between log points."""
 
-    def __init__(self, device: torch.device, images_seen: int):
+    def __init__(self, device: torch.device, images_seen: int, data_wait: float):
         self.device = device
-        self._reset(images_seen)
+        self._reset(images_seen, data_wait)
 
-    def _reset(self, images_seen: int) -> None:
+    def _reset(self, images_seen: int, data_wait: float) -> None:
         self.loss = torch.zeros((), device=self.device)
         self.norm = torch.zeros((), device=self.device)
         self.count, self.skipped = 0, 0
-        self.t0, self.images0 = time.perf_counter(), images_seen
+        self.t0, self.images0, self.wait0 = time.perf_counter(), images_seen, data_wait
 
     def add(self, loss: torch.Tensor, grad_norm: torch.Tensor, skipped: bool) -> None:
         if skipped:
@@ -421,14 +424,21 @@ class _LogWindow:
         self.norm += grad_norm
         self.count += 1
 
-    def flush(self, acc: Accelerator, state: TrainState, lr: float) -> dict[str, Any]:
+    def flush(self, acc: Accelerator, state: TrainState, lr: float, data_wait: float) -> dict[str, Any]:
+        """The window's means (over ranks too); `data_wait` is the run's total seconds waiting for batches so
+        far: its share of the window's time is reported, the largest over the ranks."""
+        elapsed = time.perf_counter() - self.t0
+        waited = torch.tensor((data_wait - self.wait0) / max(elapsed, 1e-9), device=self.device)
         sums = torch.stack([self.loss, self.norm]) / max(1, self.count)
         if acc.num_processes > 1:
-            sums = acc.reduce(sums, reduction="mean")
+            sums, waited = acc.reduce(sums, reduction="mean"), acc.reduce(waited[None], reduction="max")
         loss, norm = sums.tolist()
-        elapsed = time.perf_counter() - self.t0
         metrics = {"loss": loss, "grad_norm": norm, "lr": lr,
                    "samples_per_s": (state.images_seen - self.images0) / max(elapsed, 1e-9),
-                   "images_seen": state.images_seen, "nonfinite_skipped": state.nonfinite_skipped}
-        self._reset(state.images_seen)
+                   "data_wait": float(waited.max()), "images_seen": state.images_seen,
+                   "nonfinite_skipped": state.nonfinite_skipped}
+        if self.device.type == "cuda":  # the peak since the last log point, then reset
+            metrics["gpu_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self._reset(state.images_seen, data_wait)
         return metrics
