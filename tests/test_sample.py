@@ -51,6 +51,7 @@ def test_outputs_have_the_documented_files_shapes_and_dtypes(run_dir, tmp_path):
     res = generate(run_dir, num_samples=5, batch_size=2, save_individual=True, out=tmp_path / "o", **quiet())
     assert res.out == tmp_path / "o" and res.step == 4
     arrays = npz(res)
+    assert set(arrays) == {"images", "samples"}  # no truth, no physical units: pictures, nothing given
     assert arrays["images"].dtype == np.uint8 and arrays["images"].shape == (5, 8, 8, 1)
     assert arrays["samples"].dtype == np.float16 and arrays["samples"].shape == (5, 1, 8, 8)
     assert np.abs(arrays["samples"]).max() <= 1.0
@@ -69,6 +70,7 @@ def test_outputs_have_the_documented_files_shapes_and_dtypes(run_dir, tmp_path):
     assert (info["step"], info["seed"], info["weights"]) == (4, 0, "ema")
     assert (info["sampling_timesteps"], info["eta"], info["sampler"]) == (N_SAMPLING, 0.0, "ddim")
     assert info["elapsed_s"] >= 0 and info["num_samples"] == 5
+    assert (info["kind"], info["conditions"], info["bounded"], info["num_processes"]) == ("images", None, True, 1)
 
 
 def test_default_out_is_a_new_timestamped_folder_in_the_run(run_dir):
@@ -163,6 +165,8 @@ def test_latest_takes_the_newest_run_and_damaged_checkpoints_are_skipped(run_dir
     (["{tmp}", "--num_samples", "1"], "no committed checkpoint"),
     (["latest", "--results_path", "{tmp}/none"], "--results_path"),
     (["{run}", "--out", "{run}"], "--out"),
+    (["{run}", "--split", "test"], "drop --split"),
+    (["{run}", "--seed", "-1"], "--seed"),
 ])
 def test_user_errors_exit_2_with_one_message(run_dir, tmp_path, capsys, argv, needle):
     argv = [a.format(run=run_dir, tmp=tmp_path) for a in argv]

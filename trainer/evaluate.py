@@ -58,7 +58,8 @@ import torch  # noqa: E402
 from trainer.config import Config, validate_sampling  # noqa: E402
 from trainer.errors import CheckpointError, ConfigError, DataError, EddyError  # noqa: E402
 from trainer.sample import (  # noqa: E402
-    WEIGHTS, _resolve_device, add_sampling_flags, output_folder, checkpoint_config, load_weights, resolve_checkpoint)
+    WEIGHTS, _resolve_device, add_sampling_flags, check_sampling_run_flags, checkpoint_config, load_weights,
+    output_folder, resolve_checkpoint)
 
 CORR_THRESHOLD = 0.8
 GIF_TRAJECTORIES = 4  # trajectories shown in rollout.gif
@@ -331,12 +332,7 @@ def _check_flags(num_trajectories: int | None, rollout_frames: int | None, batch
     if rollout_frames is not None and rollout_frames <= cond_steps:
         raise ConfigError(f"--rollout_frames {rollout_frames} must be above the run's --cond_steps {cond_steps}: "
                           f"the first {cond_steps} frames are given, so nothing would be predicted.")
-    if batch_size < 1:
-        raise ConfigError(f"--batch_size must be at least 1, got {batch_size}.")
-    if not 0 <= seed < 2 ** 63:
-        raise ConfigError(f"--seed must be in [0, 2^63), got {seed}.")
-    if weights not in WEIGHTS:
-        raise ConfigError(f"--weights {weights!r} is not one of: {', '.join(WEIGHTS)}.")
+    check_sampling_run_flags(batch_size, seed, weights)
 
 
 def evaluate(checkpoint: str | Path, *, data_dir: str | None = None, num_trajectories: int | None = None,
