@@ -20,6 +20,7 @@ Sources:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -165,11 +166,18 @@ class TrajectoryWindows(ClipData):
 
 
 def is_simulation_folder(path: str) -> bool:
-    """Whether `path` is a folder holding sim_XXXXXX.npz files (a cheap look at its names)."""
+    """Whether `path` is a folder holding sim_XXXXXX.npz files (a look at its names). Start-up asks this
+    several times (validation, building, fitting the config); a folder of many images is listed once for
+    each state of its entries (the folder's modification time)."""
     try:
-        return any(SIM_FILE.match(entry.name) for entry in os.scandir(path))
+        return _lists_simulations(os.path.realpath(path), os.stat(path).st_mtime_ns)
     except OSError:
         return False
+
+
+@functools.lru_cache(maxsize=16)
+def _lists_simulations(path: str, mtime_ns: int) -> bool:
+    return any(SIM_FILE.match(entry.name) for entry in os.scandir(path))
 
 
 def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
