@@ -6,6 +6,7 @@ Data is in model space ([-1, 1] for images, standardized for physical fields); n
 The samplers themselves are pure functions in `models/sampling.py`.
 """
 
+import functools
 import hashlib
 import math
 
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from einops import rearrange, reduce
 from torch import nn
 
+from models.compiled import compiled
 from models.layers import default
 from models.sampling import sampler_by_name, time_grid
 
@@ -157,6 +159,7 @@ class GaussianDiffusion(nn.Module):
         self.sampler = sampler
         self.clip_denoised = clip_denoised
         self.cond_steps = cond_steps
+        self._compiled_losses = None  # compile_loss()
 
         betas = BETA_SCHEDULES[beta_schedule](timesteps, **default(schedule_kwargs, {}))
         self.num_timesteps = len(betas)
@@ -310,13 +313,20 @@ class GaussianDiffusion(nn.Module):
     def p_losses(self, x0, t, noise, *, cond=None, known=None, generator=None):
         """Loss at given timesteps t [B] and noise (shaped like x0); `generator` only feeds the
         self-conditioning coin. Known entries of x_t are x0's own, and the loss averages over the others."""
+        self_cond = bool(self.self_condition and self._self_condition_coin(generator))
+        if self._compiled_losses is not None:
+            return self._compiled_losses[self_cond](x0, t, noise, cond, known)
+        return self.loss_at(x0, t, noise, cond, known, self_cond=self_cond)
+
+    def loss_at(self, x0, t, noise, cond=None, known=None, *, self_cond=False):
+        """The loss as a function of tensors alone (no generator, no host read): what `compile_loss` compiles.
+        `self_cond`: condition on a detached x0 estimate of a first, gradient-free pass (Chen et al. 2022)."""
         x_t = self.q_sample(x0, t, noise)
         if known is not None:
             x_t = torch.where(known, x0, x_t)
 
-        # Self-conditioning (Chen et al. 2022): half the time, condition on a detached x0 estimate.
         x_self_cond = None
-        if self.self_condition and self._self_condition_coin(generator):
+        if self_cond:
             with torch.no_grad():
                 _, x_self_cond = self.model_predictions(x_t, t, cond=cond)
             x_self_cond = x_self_cond.detach().to(x0.dtype)
@@ -342,6 +352,15 @@ class GaussianDiffusion(nn.Module):
             weight = (~known).expand_as(loss).float()
             loss = reduce(loss * weight, "b ... -> b", "sum") / reduce(weight, "b ... -> b", "sum").clamp(min=1)
         return (loss * extract(self.loss_weight, t, loss.shape)).mean()
+
+    def compile_loss(self, *, mode="default", backend="inductor"):
+        """Compile the training loss, network included, as one graph per self-conditioning branch
+        (`models.compiled`): the random draws stay outside, so a compiled run draws what an eager one does."""
+        self._compiled_losses = {
+            flag: compiled(functools.partial(self.loss_at, self_cond=flag), name=f"the training loss of "
+                           f"{type(self.model).__name__}", mode=mode, backend=backend)
+            for flag in (False, True)
+        }
 
     @staticmethod
     def _self_condition_coin(generator):

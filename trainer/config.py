@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args, get_type_hints
 
+from models.compiled import COMPILE_BACKENDS, COMPILE_MODES
 from models.diffusion import BETA_SCHEDULES, LOSS_TYPES, OBJECTIVES
 from models.sampling import SAMPLER_NAMES
 from trainer.data.base import check_image_shape
@@ -88,8 +89,8 @@ class DataConfig:
                           "moving_shapes, bouncing shapes; navier_stokes, fluid trajectories generated once, see "
                           "--ns_preset), a Hugging Face Hub dataset name, or a folder saved with datasets' "
                           "save_to_disk.")
-    train_data_dir: str | None = _field(None, "A folder of images (any depth) to train on, read with datasets' "
-                                        "imagefolder; of clips for --model unet3d (.gif; .npy/.npz arrays [T, H, W], "
+    train_data_dir: str | None = _field(None, "A folder of images (any depth) to train on, listed at start-up "
+                                        "and checked in the background (unreadable files skipped, cached); of clips for --model unet3d (.gif; .npy/.npz arrays [T, H, W], "
                                         "[T, H, W, C] or [T, C, H, W]; videos where av or imageio-ffmpeg is "
                                         "installed); or of simulations, sim_XXXXXX.npz files each holding one "
                                         "[T, C, H, W] trajectory.")
@@ -149,6 +150,19 @@ class TrainConfig:
     max_nonfinite_steps: int = _field(20, "Consecutive steps with a non-finite loss or gradient (each one "
                                       "skipped) before the run rolls back to its last checkpoint.")
     max_rollbacks: int = _field(3, "Rollbacks after which a run that keeps diverging stops with an error.")
+    compile: bool = _field(False, "torch.compile the training loss with the network inside it as one graph "
+                           "(fullgraph, no recompiles after the first steps), and the sampling network; where compiling "
+                           "fails, a warning and eager execution. The first steps (one of each self-conditioning branch) "
+                           "compile, and take minutes.")
+    compile_mode: str = _field("default", "The mode of --compile: reduce-overhead adds CUDA graphs, max-autotune "
+                               "searches kernels longer.", choices=COMPILE_MODES)
+    compile_backend: str = _field("inductor", "The backend of --compile: inductor generates kernels; aot_eager only "
+                                  "traces, a quick check that a model compiles.", choices=COMPILE_BACKENDS)
+    channels_last: bool | None = _field(None, "Keep the 2D Unet's activations and weights channels-last (NHWC), "
+                                        "which convolutions run faster in, on GPUs and CPUs (default: yes for "
+                                        "--model unet; clips keep their layout).")
+    grad_checkpointing: bool = _field(False, "Recompute each block's activations in backward instead of storing "
+                                      "them: one more forward pass of each block per step for much less activation memory.")
 
 
 @dataclass
@@ -208,7 +222,8 @@ PRESET_VALUES = {
 RESUME_FREE = {"resume", "run_name", "results_path", "train_num_steps", "save_and_sample_every", "eval_every",
                "eval_trajectories",
                "num_samples", "log_every", "report_to", "wandb_project", "num_workers",
-               "checkpoints_total_limit", "preset", "max_nonfinite_steps", "max_rollbacks"}
+               "checkpoints_total_limit", "preset", "max_nonfinite_steps", "max_rollbacks", "compile", "compile_mode",
+               "compile_backend", "channels_last", "grad_checkpointing"}
 # Fields that a simulation's data decides (trainer/build.py, fit_config_to_data).
 DATA_DERIVED = ("channels", "image_size", "field_channels")
 # Fields that change the numerics of the network or the process: a resume with a different value is refused.
@@ -332,9 +347,17 @@ def validate(cfg: Config) -> None:
         except ImportError:
             raise ConfigError("--report_to tensorboard needs the tensorboard package: "
                               "pip install tensorboard, or use --report_to wandb|none.") from None
+    if t.channels_last and cfg.model.model != "unet":
+        raise ConfigError("--channels_last true applies to the 2D Unet (--model unet); clips keep their layout. "
+                          "Drop the flag.")
     if data.train_data_dir is not None and not Path(data.train_data_dir).exists():
         raise ConfigError(f"--train_data_dir {data.train_data_dir} does not exist. "
                           f"Pass a folder of images, or drop the flag to train on a built-in dataset.")
+
+
+def uses_channels_last(cfg: Config) -> bool:
+    """--channels_last, resolved: on by default for the 2D Unet."""
+    return cfg.model.model == "unet" and cfg.train.channels_last is not False
 
 
 def is_simulation(cfg: Config) -> bool:

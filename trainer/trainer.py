@@ -35,9 +35,10 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from models import GaussianDiffusion
+from models.compiled import compiled
 from models.cond import cond_of
 from trainer.checkpoint import Checkpoint, CheckpointManager
-from trainer.config import Config, default_num_workers
+from trainer.config import Config, default_num_workers, uses_channels_last
 from trainer.data.base import EddyData
 from trainer.data.sampler import ResumableBatchSampler, mix_seed
 from trainer.errors import ConfigError, EddyError
@@ -118,6 +119,8 @@ class Trainer:
         self.loader = make_loader(dataset, self.sampler, cfg.data.num_workers, self.device, accelerator.num_processes)
         self.preview = Preview(accelerator, diffusion, dataset, self.run_dir, cfg.train.seed)
         self.state = TrainState()
+        self._channels_last = uses_channels_last(cfg)
+        self._sampling_net = None  # the EMA network as sampling calls it: compiled with --compile
         self._consecutive_nonfinite, self._data_wait = 0, 0.0  # seconds spent waiting for batches
         self._stop = _StopSignal()
         self._stop_flag = torch.zeros((), device=self.device)
@@ -223,7 +226,7 @@ class Trainer:
         while True:
             for batch in self.loader:
                 self.sampler.advance()
-                yield {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+                yield {k: _to_device(v, self.device, self._channels_last) for k, v in batch.items()}
 
     # ------------------------------------------------------------------------------------------
     # Agreement between ranks: non-finite steps and preemption
@@ -266,7 +269,13 @@ class Trainer:
 
     def sample(self, num_samples: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(EMA samples, the data they continue) on the main process, None elsewhere (trainer/preview.py)."""
-        return self.preview.sample(self.ema.ema_model, num_samples, self.state.step)
+        if self._sampling_net is None:
+            self._sampling_net = self.ema.ema_model
+            if self.cfg.train.compile and self.strategy.name != "fsdp":  # a sharded EMA runs its own hooks eagerly
+                t = self.cfg.train
+                self._sampling_net = compiled(self.ema.ema_model, name="the sampling network", mode=t.compile_mode,
+                                              backend=t.compile_backend)
+        return self.preview.sample(self._sampling_net, num_samples, self.state.step)
 
     def check_replicas(self) -> bool:
         """Whether every rank holds the same weights and EMA; writes `replicas.json` on the main process.
@@ -342,6 +351,12 @@ def layout_change_note(old: tuple, new: tuple, epoch: int, replay: int) -> str:
             f"The data continues at the same position of epoch {epoch}"
             + (f" ({replay} samples are seen again to align with the new global batch)." if replay else ".")
             + " The run is no longer bit-for-bit identical to one that kept the old layout.")
+
+
+def _to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    if channels_last and x.ndim == 4:
+        return x.to(device, non_blocking=True, memory_format=torch.channels_last)
+    return x.to(device, non_blocking=True)
 
 
 def make_ema(strategy: Strategy, cfg: Config, device: torch.device) -> EMA:

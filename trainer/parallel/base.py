@@ -62,6 +62,7 @@ class Strategy:
     """
 
     name = "replicated"
+    channels_last_weights = True  # with --channels_last, the weights too (the inputs always are)
     model: nn.Module              # what a micro-batch calls: model(x0, cond=..., generator=...) -> loss
     net: nn.Module                # the denoising network as it trains (sharded, or in the training precision)
     optimizer: torch.optim.Optimizer
@@ -77,9 +78,24 @@ class Strategy:
         """What a checkpoint records of the mode that wrote it."""
         return {"parallel": self.name, "sharded": self.name == "fsdp", "deepspeed": self.name == "zero"}
 
-    # Wrapping. The one place where a network may be compiled before it is wrapped.
+    # Wrapping. The one place where a network is laid out, checkpointed and compiled, before it is wrapped.
+
+    def prepare_network(self, diffusion: nn.Module, *, compile_loss: bool = True) -> None:
+        """--channels_last, --grad_checkpointing and --compile (of the loss, network inside), applied to the
+        unwrapped diffusion model."""
+        from models.compiled import checkpoint_blocks
+        from trainer.config import uses_channels_last
+
+        t = self.cfg.train
+        if uses_channels_last(self.cfg) and self.channels_last_weights:
+            diffusion.model.to(memory_format=torch.channels_last)
+        if t.grad_checkpointing:
+            checkpoint_blocks(diffusion.model)
+        if t.compile and compile_loss:
+            diffusion.compile_loss(mode=t.compile_mode, backend=t.compile_backend)
 
     def wrap(self, diffusion: nn.Module, make_optimizer: MakeOptimizer) -> None:
+        self.prepare_network(diffusion)
         self.net = diffusion.model
         self.model, self.optimizer = self.accelerator.prepare(diffusion, make_optimizer(self.net.parameters()))
 

@@ -62,6 +62,7 @@ class FsdpStrategy(Strategy):
     """The network and its EMA copy sharded with FSDP2; gradients reduce-scattered on the last micro-batch."""
 
     name = "fsdp"
+    channels_last_weights = False  # FSDP2 shards contiguous parameters only; channels-last inputs suffice
 
     def __init__(self, accelerator, cfg, plan: FsdpPlan):
         super().__init__(accelerator, cfg)
@@ -72,8 +73,14 @@ class FsdpStrategy(Strategy):
 
     def wrap(self, diffusion: nn.Module, make_optimizer: MakeOptimizer) -> None:
         diffusion.to(self.device)
+        # FSDP's hooks run around each unit and cannot be traced into one graph: the units' own forwards
+        # are compiled instead, on the trained network (the EMA copy samples eagerly).
+        self.prepare_network(diffusion, compile_loss=False)
         self.net, self.model = diffusion.model, diffusion
         self._ema = copy.deepcopy(self.net).requires_grad_(False)
+        if self.cfg.train.compile:
+            compile_units(self.net, self.plan.wrap or tuple(c.__name__ for c in getattr(self.net, "fsdp_units", ())),
+                          mode=self.cfg.train.compile_mode, backend=self.cfg.train.compile_backend)
         for module in (self.net, self._ema):
             self.units = shard(module, self.plan, self.device)
         self.optimizer = self.accelerator.prepare(make_optimizer(self.net.parameters()))  # not DDP: sharded already
@@ -160,6 +167,22 @@ def shard(module: nn.Module, plan: FsdpPlan, device: torch.device) -> tuple[str,
             fully_shard(m, mesh=mesh, reshard_after_forward=plan.reshard_after_forward)
     fully_shard(module, mesh=mesh, reshard_after_forward=plan.reshard_after_forward)
     return units
+
+
+def compile_units(net: nn.Module, units: tuple[str, ...], *, mode: str, backend: str) -> int:
+    """Compile the forward of every block of `net` whose class is named in `units`, in place, before sharding.
+    Blocks of one class share their code, so dynamo keeps a graph per distinct block shape; its recompile limit
+    is raised to fit them all. Returns the number of blocks."""
+    import torch._dynamo
+
+    from models.compiled import compiled
+
+    blocks = [m for m in net.modules() if m is not net and type(m).__name__ in units]
+    for m in blocks:
+        m.forward = compiled(m.forward, name=f"the FSDP unit {type(m).__name__}", mode=mode, backend=backend)
+    limit = 2 * len(blocks)  # with and without gradients (self-conditioning's first pass)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+    return len(blocks)
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:

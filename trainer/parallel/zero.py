@@ -192,6 +192,7 @@ class ZeroStrategy(Strategy):
         return self.plan.describe()
 
     def wrap(self, diffusion: nn.Module, make_optimizer: MakeOptimizer) -> None:
+        self.prepare_network(diffusion)
         self.net = diffusion.model
         self.master = copy.deepcopy(self.net).requires_grad_(False).to(self.device)
         self.model, self.optimizer = initialize(diffusion, make_optimizer(self.net.parameters()), self.plan, self.cfg,
