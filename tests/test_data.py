@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from trainer.data import (BUILTIN_DATASETS, ImageDataset, ShapesDataset, TwoModesDataset,
-                          build_image_dataset, preprocess_image)
+                          build_image_dataset, load_image_folder, preprocess_image)
 from trainer.errors import ConfigError, DataError
 
 RED = (255, 0, 0)
@@ -18,11 +18,13 @@ BLUE = (0, 0, 255)
 
 
 @pytest.fixture(autouse=True)
-def _private_hf_cache(tmp_path_factory, monkeypatch):
-    """Keep the Arrow files that `imagefolder` writes out of the user's cache."""
+def _private_caches(tmp_path_factory, monkeypatch):
+    """Keep the Arrow files that `datasets` writes and the records of image folder checks out of the
+    user's caches."""
     import datasets
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path_factory.mktemp("hf_cache")))
+    monkeypatch.setenv("EDDY_CACHE", str(tmp_path_factory.mktemp("eddy_cache")))  # image folder checks
 
 
 def check_contract(ds, n_check=4):
@@ -196,7 +198,7 @@ def test_image_folder(tmp_path, channels):
     check_contract(ds, n_check=4)
 
     # The wide image shows only its red middle after the centre crop.
-    paths = [ds.table[int(r)][ds.column]["path"] for r in ds.indices]
+    paths = ds.files
     wide = ds[[os.path.basename(p) for p in paths].index("wide.png")]["x"]
     if channels == 3:
         assert (wide - torch.tensor([1.0, -1.0, -1.0])[:, None, None]).abs().max() < 0.02
@@ -216,8 +218,7 @@ def test_image_folder_skips_corrupt_files(tmp_path, caplog):
     (folder / "cats" / "notes.png").write_text("this is not an image")
 
     with caplog.at_level(logging.WARNING, logger="trainer.data"):
-        ds = build_image_dataset(dataset="shapes", train_data_dir=str(folder), image_size=8, channels=3,
-                                 progress=False)
+        ds = load_image_folder(str(folder), image_size=8, channels=3, progress=False, verify="now")
     assert len(ds) == 4
     assert sorted(os.path.basename(p) for p in ds.skipped) == ["notes.png", "truncated.jpg"]
     warning = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)

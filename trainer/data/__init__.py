@@ -5,7 +5,7 @@ Every dataset here is an `ImageData` (trainer/data/base.py): item i is `{"x": fl
 step's seeded generator. Each has the attributes `channels` and `image_size`.
 
 `build_image_dataset` picks the source from the flags:
-- `--train_data_dir PATH`: a folder of images (read through the `imagefolder` loader);
+- `--train_data_dir PATH`: a folder of images, listed at start-up and checked in the background;
 - `--dataset NAME` with NAME in `BUILTIN_DATASETS`: procedural data, no download;
 - any other `--dataset NAME`: a Hugging Face Hub dataset, or a folder saved with `save_to_disk`.
 """
