@@ -5,6 +5,7 @@
 #   ./launch.sh sample [flags...]    sample from a checkpoint (trainer/sample.py)
 #   ./launch.sh evaluate [flags...]  roll a forecaster forward against the solver (trainer/evaluate.py)
 #   ./launch.sh export [flags...]    a checkpoint as a model folder, optionally to the Hub (trainer/export.py)
+#   ./launch.sh control [flags...]   generate controls, re-simulate and score them (trainer/control.py)
 # Environment: EDDY_VENV (default .venv), EDDY_TORCH (pip spec for torch, default torch==2.13.0,
 # used only when torch is not installed yet), ACCELERATE_CONFIG (overrides the chosen config).
 set -euo pipefail
@@ -56,7 +57,7 @@ case "${1:-}" in
         shift
         exec "$PY" trainer/sample.py "$@"
         ;;
-    evaluate|export)
+    evaluate|export|control)
         command=$1
         shift
         exec "$PY" "trainer/$command.py" "$@"

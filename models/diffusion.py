@@ -16,8 +16,9 @@ from einops import rearrange, reduce
 from torch import nn
 
 from models.compiled import compiled
+from models.guidance import check_prior, evaluate_objective
 from models.layers import default
-from models.sampling import sampler_by_name, time_grid
+from models.sampling import STEERABLE, sampler_by_name, time_grid
 
 OBJECTIVES = ("pred_noise", "pred_x0", "pred_v")
 LOSS_TYPES = ("l1", "l2")
@@ -102,6 +103,8 @@ class GaussianDiffusion(nn.Module):
         clip_denoised: clamp predicted x0 to [-1, 1] while sampling; False for unbounded fields.
         cond_steps: for clips `[B, C, F, H, W]`, the first `cond_steps` frames are given, not generated:
             the default mask of known entries (see below).
+        known: a boolean mask shaped like one sample (a tensor or nested lists), the default known entries
+            of every sample instead (e.g. the initial and target states of a control problem).
 
     Known entries. A boolean mask `known` (broadcastable to x0) marks entries that are given rather than
     generated: the first frames of a forecast, the observed pixels of an inpainting, a given initial
@@ -129,6 +132,7 @@ class GaussianDiffusion(nn.Module):
         ddim_eta=0.0,
         clip_denoised=True,
         cond_steps=0,
+        known=None,
     ):
         super().__init__()
         if objective not in OBJECTIVES:
@@ -160,6 +164,13 @@ class GaussianDiffusion(nn.Module):
         self.clip_denoised = clip_denoised
         self.cond_steps = cond_steps
         self._compiled_losses = None  # compile_loss()
+        if known is not None:
+            known = torch.as_tensor(known, dtype=torch.bool)
+            if tuple(known.shape) != sample_shape or cond_steps:
+                raise ValueError(f"known must be a mask shaped like one sample {list(sample_shape)} (and replaces "
+                                 f"cond_steps), got {list(known.shape)} with cond_steps={cond_steps}")
+            known = known[None]
+        self.register_buffer("known_default", known, persistent=False)
 
         betas = BETA_SCHEDULES[beta_schedule](timesteps, **default(schedule_kwargs, {}))
         self.num_timesteps = len(betas)
@@ -290,7 +301,10 @@ class GaussianDiffusion(nn.Module):
     # Training.
 
     def known_mask(self, x):
-        """The default known entries of a batch shaped like `x`: its first `cond_steps` frames, or None."""
+        """The default known entries of a batch shaped like `x`: the constructor's `known`, else the first
+        `cond_steps` frames, or None."""
+        if self.known_default is not None:
+            return self.known_default
         if not self.cond_steps:
             return None
         mask = torch.zeros((1, 1, x.shape[2], *(1,) * (x.ndim - 3)), dtype=torch.bool, device=x.device)
@@ -377,20 +391,51 @@ class GaussianDiffusion(nn.Module):
 
     # Sampling.
 
-    def denoiser(self, model=None, cond=None, known=None, x_known=None):
+    def denoiser(self, model=None, cond=None, known=None, x_known=None, guidance=None, prior=None):
         """The closure `denoise(x_t, t) -> (eps_hat, x0_hat)` (fp32) that the samplers call, for an integer
         timestep t. With self-conditioning (Chen et al. 2022) each call gets the previous call's x0_hat as
-        `x_self_cond`; a new closure starts without one. Known entries of x0_hat are `x_known`'s own."""
+        `x_self_cond`; a new closure starts without one. Known entries of x0_hat are `x_known`'s own.
+        `guidance` (models.guidance.Guidance) and `prior` (models.guidance.Prior) steer the noise estimate,
+        and x0_hat is re-derived from the steered one."""
         x0_prev = None
+        reweight = prior is not None and prior.gamma != 1
+        context = {**(cond or {}), "x_known": x_known, "known": known}  # what an objective reads beside x0_hat
+        betas = self._schedule64["betas"]
+
+        def predict(x, time):
+            eps, x0 = self.model_predictions(x, time, model=model, cond=cond, x_self_cond=x0_prev,
+                                             clip_x0=self.clip_denoised)
+            if known is not None:
+                x0 = torch.where(known, x_known, x0)
+            return eps, x0
 
         def denoise(x, t):
             nonlocal x0_prev
             time = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-            eps, x0 = self.model_predictions(
-                x, time, model=model, cond=cond, x_self_cond=x0_prev, clip_x0=self.clip_denoised
-            )
-            if known is not None:
-                x0 = torch.where(known, x_known, x0)
+            if guidance is None:
+                eps, x0 = predict(x, time)
+            else:
+                with torch.enable_grad():
+                    x_in = x.detach().float().requires_grad_(True)
+                    eps, x0 = self.model_predictions(x_in, time, model=model, cond=cond, x_self_cond=x0_prev,
+                                                     clip_x0=self.clip_denoised)
+                    J = evaluate_objective(guidance, x0, context)  # the network's own estimate, given entries too
+                    (grad,) = torch.autograd.grad(J.sum(), x_in)
+                eps = eps.detach() + guidance.scale_at(t, betas) * grad
+            if reweight:
+                channels = list(prior.channels)
+                eps_prior, _ = prior.diffusion.model_predictions(x[:, channels], time, model=prior.model,
+                                                                 cond=prior.cond)
+                eps = eps.clone()
+                eps[:, channels] += (prior.gamma - 1) * eps_prior
+            if guidance is not None or reweight:
+                x0 = self.predict_start_from_noise(x.float(), time, eps)
+                if self.clip_denoised:
+                    x0 = x0.clamp(-1.0, 1.0)
+                    eps = self.predict_noise_from_start(x.float(), time, x0)
+                if known is not None:
+                    x0 = torch.where(known, x_known, x0)
+                x0 = x0.detach()
             if self.self_condition:
                 x0_prev = x0
             return eps, x0
@@ -399,7 +444,7 @@ class GaussianDiffusion(nn.Module):
 
     @torch.no_grad()
     def sample(self, batch_size, *, model=None, cond=None, x_known=None, known=None, generator=None, sampler=None,
-               sampling_timesteps=None, eta=None, progress=False, after_step=None):
+               sampling_timesteps=None, eta=None, progress=False, after_step=None, guidance=None, prior=None):
         """Generate `[batch_size, *sample_shape]` in model space.
 
         Args:
@@ -416,9 +461,18 @@ class GaussianDiffusion(nn.Module):
             progress: show a tqdm bar.
             after_step: `after_step(x, i) -> x`, applied to the state after each step i (see `models.sampling`),
                 after the known entries are written back.
+            guidance: a `models.guidance.Guidance`: steer the samples towards a small objective (its gradient is
+                taken through the network).
+            prior: a `models.guidance.Prior`: reweight the prior of some channels by a second model; gamma = 1
+                samples the model itself.
         """
         sampler = default(sampler, self.sampler)
         sample_fn = sampler_by_name(sampler)
+        if (guidance is not None or prior is not None) and not getattr(sample_fn, "steerable", False):
+            raise ValueError(f"sampler {sampler!r} reads no noise estimate that guidance or a prior could steer; "
+                             f"use one of {', '.join(STEERABLE)}")
+        if prior is not None:
+            check_prior(self, prior)
         options = {}
         if sampler == "ddim":
             options["eta"] = default(eta, self.ddim_eta)
@@ -437,7 +491,7 @@ class GaussianDiffusion(nn.Module):
             x_known = x_known.to(x_T)
             x_T = torch.where(known, x_known, x_T)
             after_step = _write_back(known, x_known, after_step)
-        return sample_fn(self.denoiser(model, cond, known, x_known), x_T, grid, generator=generator,
+        return sample_fn(self.denoiser(model, cond, known, x_known, guidance, prior), x_T, grid, generator=generator,
                          progress=progress, after_step=after_step, **options)
 
 

@@ -146,6 +146,11 @@ def dpmpp_2m(denoise, x, grid, *, generator=None, progress=False, after_step=Non
 
 SAMPLERS = {"ddpm": ddpm, "ddim": ddim, "dpmpp_2m": dpmpp_2m}
 SAMPLER_NAMES = tuple(SAMPLERS)
+# Samplers that read every noise estimate through `denoise`, so that guidance and prior reweighting
+# (models/guidance.py), which change that estimate, steer them.
+for _sampler in SAMPLERS.values():
+    _sampler.steerable = True
+STEERABLE = tuple(name for name, fn in SAMPLERS.items() if getattr(fn, "steerable", False))
 
 
 def sampler_by_name(name):

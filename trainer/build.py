@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from models import GaussianDiffusion
-from trainer.config import Config, is_simulation, is_video
+from trainer.config import Config, is_burgers, is_simulation, is_video
 from trainer.errors import ConfigError
 
 
@@ -24,12 +24,26 @@ def network_spec(cfg: Config) -> tuple[str, dict]:
 def diffusion_spec(cfg: Config) -> dict:
     """The `GaussianDiffusion` keyword arguments of the run, but the network."""
     d = cfg.diffusion
+    known = {"known": burgers_known(cfg).tolist()} if is_burgers(cfg) else {}
     return dict(sample_shape=list(sample_shape(cfg)), timesteps=d.timesteps, sampler=d.sampler,
                 sampling_timesteps=d.sampling_timesteps, objective=d.objective, beta_schedule=d.beta_schedule,
                 loss_type=d.loss_type, min_snr_loss_weight=d.min_snr_loss_weight, min_snr_gamma=d.min_snr_gamma,
                 offset_noise_strength=d.offset_noise_strength, ddim_eta=d.ddim_eta,
                 clip_denoised=d.clip_denoised if d.clip_denoised is not None else not is_simulation(cfg),
-                cond_steps=cfg.data.cond_steps)
+                cond_steps=cfg.data.cond_steps, **known)
+
+
+def burgers_known(cfg: Config) -> torch.Tensor:
+    """The given entries of a Burgers sample (trainer/data/burgers.py), of the channels --burgers_part generates."""
+    from trainer.data import burgers
+
+    data = cfg.data
+    return burgers.known_mask(data.burgers_observe, data.burgers_control)[list(burgers_channels(cfg))]
+
+
+def burgers_channels(cfg: Config) -> tuple[int, ...]:
+    """The channels of the Burgers layout a run generates: (0, 1) for joint models, (1,) for control priors."""
+    return (0, 1) if cfg.data.burgers_part == "joint" else (1,)
 
 
 def build_network(cfg: Config) -> torch.nn.Module:
@@ -42,6 +56,10 @@ def build_network(cfg: Config) -> torch.nn.Module:
 def sample_shape(cfg: Config) -> tuple[int, ...]:
     """One sample's shape: (C, H, W) for the 2D Unet, (C, F, H, W) for clips."""
     data = cfg.data
+    if is_burgers(cfg):
+        from trainer.data.burgers import HEIGHT, N_POINTS
+
+        return (len(burgers_channels(cfg)), HEIGHT, N_POINTS)
     frames = (data.frames,) if cfg.model.model == "unet3d" else ()
     return (data.channels, *frames, data.image_size, data.image_size)
 
@@ -54,6 +72,13 @@ def build_dataset(cfg: Config, *, split: str | None = None, progress: bool = Tru
     """The dataset the flags name; `split` overrides --split (evaluation reads "test")."""
     data = cfg.data
     split = split or data.split
+    if is_burgers(cfg):
+        from trainer.data.burgers import ChannelSubset, burgers_dataset
+
+        dataset = burgers_dataset(split=split, observe=data.burgers_observe, control=data.burgers_control,
+                                  num_train=data.burgers_trajectories, num_test=data.burgers_test_trajectories,
+                                  seed=cfg.train.seed, progress=progress)
+        return dataset if data.burgers_part == "joint" else ChannelSubset(dataset, burgers_channels(cfg))
     if is_simulation(cfg):
         from trainer.data.fluid import load_simulation_folder, navier_stokes_dataset
 
@@ -90,6 +115,9 @@ def fit_config_to_data(cfg: Config, dataset) -> None:
     the network's levels."""
     if cfg.diffusion.clip_denoised is None:
         cfg.diffusion.clip_denoised = dataset.bounded
+    if is_burgers(cfg):
+        cfg.data.channels, cfg.data.field_channels, cfg.data.image_size = dataset.channels, 0, dataset.image_size[1]
+        return
     if not is_simulation(cfg):
         return
     size = dataset.image_size

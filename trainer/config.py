@@ -44,6 +44,8 @@ MODELS = ("unet", "unet3d")
 UNET3D_KINDS = ("factorized", "conv3d")
 NS_PRESETS = ("kolmogorov", "fno")
 NS_CHANNELS = ("vorticity", "u", "v")
+BURGERS_SETTINGS = ("full", "partial")
+BURGERS_PARTS = ("joint", "control")
 
 
 @dataclass
@@ -87,7 +89,7 @@ class DiffusionConfig:
 class DataConfig:
     dataset: str = _field("shapes", "A built-in dataset (images: shapes, two_modes; clips for --model unet3d: "
                           "moving_shapes, bouncing shapes; navier_stokes, fluid trajectories generated once, see "
-                          "--ns_preset), a Hugging Face Hub dataset name, or a folder saved with datasets' "
+                          "--ns_preset; burgers, 1D Burgers control problems, see --burgers_observe), a Hugging Face Hub dataset name, or a folder saved with datasets' "
                           "save_to_disk.")
     train_data_dir: str | None = _field(None, "A folder of images (any depth) to train on, listed at start-up "
                                         "and checked in the background (unreadable files skipped, cached); of clips for --model unet3d (.gif; .npy/.npz arrays [T, H, W], "
@@ -116,6 +118,17 @@ class DataConfig:
                                  "preset's 64); the solver's grid is as much finer as the preset's.")
     num_trajectories: int = _field(64, "Training trajectories of --dataset navier_stokes (fno's protocol: 1000).")
     num_test_trajectories: int = _field(16, "Held-out trajectories of --dataset navier_stokes (fno's protocol: 200).")
+    burgers_observe: str = _field("full", "Burgers control data (--dataset burgers): full observation, or partial "
+                                  "(only the outer quarters of the domain; the rest of the state is not given).",
+                                  choices=BURGERS_SETTINGS)
+    burgers_control: str = _field("full", "Burgers control data: the control acts everywhere (full), or on the outer "
+                                  "quarters only (partial).", choices=BURGERS_SETTINGS)
+    burgers_part: str = _field("joint", "What a Burgers model generates: joint (state trajectory and control, "
+                               "2 channels) or control (the control alone: the prior model of prior reweighting).",
+                               choices=BURGERS_PARTS)
+    burgers_trajectories: int = _field(2000, "Training trajectories of --dataset burgers (DiffPhyCon's: 90000).")
+    burgers_test_trajectories: int = _field(50, "Held-out control problems of --dataset burgers (DiffPhyCon scores "
+                                            "the first 50).")
     num_workers: int = _field(-1, "DataLoader workers per process; -1 picks 0 on CPU and "
                               "min(8, cores per process - 1) on GPU.")
 
@@ -229,7 +242,7 @@ DATA_DERIVED = ("channels", "image_size", "field_channels")
 # Fields that change the numerics of the network or the process: a resume with a different value is refused.
 RESUME_LOCKED = {f.name for f in fields(ModelConfig)} | {
     "timesteps", "objective", "beta_schedule", "image_size", "channels", "frames", "cond_steps", "state_channels",
-    "field_channels", "ns_channels", "ns_preset", "ns_size"}
+    "field_channels", "ns_channels", "ns_preset", "ns_size", "burgers_observe", "burgers_control", "burgers_part"}
 
 
 def field_specs() -> list[tuple[str, dataclasses.Field, type]]:
@@ -360,11 +373,17 @@ def uses_channels_last(cfg: Config) -> bool:
     return cfg.model.model == "unet" and cfg.train.channels_last is not False
 
 
+def is_burgers(cfg: Config) -> bool:
+    """Whether the run trains on the built-in Burgers control problems."""
+    return cfg.data.dataset == "burgers" and cfg.data.train_data_dir is None
+
+
 def is_simulation(cfg: Config) -> bool:
-    """Whether the run trains on physical fields (built-in Navier-Stokes or a folder of sim_*.npz files)."""
+    """Whether the run trains on physical fields (built-in Navier-Stokes or Burgers, or a folder of sim_*.npz
+    files)."""
     from trainer.data.fluid import is_simulation_folder
 
-    return cfg.data.dataset == "navier_stokes" or (
+    return cfg.data.dataset in ("navier_stokes", "burgers") or (
         cfg.data.train_data_dir is not None and is_simulation_folder(cfg.data.train_data_dir))
 
 
@@ -412,6 +431,15 @@ def validate_clips(cfg: Config) -> None:
         raise ConfigError("--eval_every evaluates forecasters on held-out data: --model unet3d --cond_steps k on "
                           "--dataset navier_stokes (whose test split it rolls out). For other runs use "
                           "trainer/evaluate.py or trainer/sample.py on the checkpoints, or drop --eval_every.")
+    if data.dataset == "burgers" and (m.model != "unet" or data.train_data_dir is not None):
+        raise ConfigError("--dataset burgers trains the 2D Unet on (time x space) images of states and controls: drop "
+                          "--model unet3d and --train_data_dir.")
+    if data.dataset != "burgers" and (data.burgers_observe, data.burgers_control, data.burgers_part) != \
+            ("full", "full", "joint"):
+        raise ConfigError("--burgers_observe, --burgers_control and --burgers_part describe --dataset burgers; add it, "
+                          "or drop them.")
+    if data.burgers_trajectories < 1 or data.burgers_test_trajectories < 1:
+        raise ConfigError("--burgers_trajectories and --burgers_test_trajectories must be at least 1.")
     if data.dataset == "moving_shapes" and data.train_data_dir is not None:
         raise ConfigError(f"--dataset moving_shapes and --train_data_dir {data.train_data_dir} both name the data; "
                           f"pass one.")

@@ -34,6 +34,8 @@ class Preview:
         self.folder = run_dir / "samples"
         g = torch.Generator().manual_seed(mix_seed(seed, _DRAW))
         self.order = torch.randperm(len(dataset), generator=g)[:MAX_PREVIEW].tolist()
+        # Samples continue the data's given entries (a forecast's first frames, a control problem's states).
+        self._given = bool(diffusion.cond_steps) or diffusion.known_default is not None
 
     @torch.no_grad()
     def sample(self, model: torch.nn.Module, num_samples: int, step: int) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -45,7 +47,7 @@ class Preview:
         g = torch.Generator(device=acc.device).manual_seed(mix_seed(self.seed, _SAMPLE, step, acc.process_index))
         with acc.autocast():
             x = self.diffusion.sample(per_rank, model=model, cond=cond_of(batch),
-                                      x_known=batch["x"] if self.diffusion.cond_steps else None, generator=g,
+                                      x_known=batch["x"] if self._given else None, generator=g,
                                       progress=acc.is_main_process and sys.stderr.isatty())
         x, truth = acc.gather(x.float().contiguous()), acc.gather(batch["x"].contiguous())
         return (x[:num_samples], truth[:num_samples]) if acc.is_main_process else None
@@ -55,7 +57,7 @@ class Preview:
         if out is None:
             return None
         samples, truth = out
-        return save_media(samples, self.folder / f"step-{step:08d}", truth=truth if self.diffusion.cond_steps else None,
+        return save_media(samples, self.folder / f"step-{step:08d}", truth=truth if self._given else None,
                           bounded=self.dataset.bounded)
 
     def save_data(self, num_samples: int) -> None:

@@ -194,6 +194,9 @@ def save_media(x: torch.Tensor, stem: Path, *, truth: torch.Tensor | None = None
     """Images `[N, C, H, W]` as a PNG grid (`stem`.png; `progress.gif` beside it follows the grids of a
     run), clips `[N, C, F, H, W]` as an animated GIF (`stem`.gif) with `truth` beside each sample when given.
     `bounded`: values in [-1, 1] (images); else physical fields, shown through a colour map."""
+    if x.ndim == 4 and not bounded:  # physical fields: coloured, one panel per channel
+        return save_clip_gif(x[:, :, None], stem.with_suffix(".png"), truth=None if truth is None else truth[:, :, None],
+                             bounded=False)
     if x.ndim == 4:
         path = save_image_grid(x, stem.with_suffix(".png"), scale=max(1, 128 // x.shape[-1]))
         if stem.name.startswith("step-"):
