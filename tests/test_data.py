@@ -359,3 +359,15 @@ def test_augment_flips_each_image_of_a_batch_from_the_generator():
     assert torch.equal(out, again)  # a pure function of the generator
     ds.random_flip = False
     assert torch.equal(ds.augment({"x": x}, torch.Generator().manual_seed(0))["x"], x)
+
+
+def test_the_shapes_score_tells_crisp_shapes_from_blur_and_noise():
+    from trainer.data.builtin import ShapesDataset, off_palette
+
+    ds = ShapesDataset(image_size=16, channels=3)
+    x = torch.stack([ds.image(i) for i in range(32)])
+    blurred = torch.nn.functional.avg_pool2d(torch.nn.functional.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    data, blur, noise = (float(off_palette(v).mean()) for v in (x, blurred, torch.rand_like(x) * 2 - 1))
+    assert data < 0.2 and blur > 1.5 * data and noise > 0.95
+    score = ds.score(x[:8])
+    assert score["samples"] == pytest.approx(score["data"]) and score["noise"] > 0.95

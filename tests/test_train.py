@@ -195,3 +195,12 @@ def test_save_and_sample_uses_the_sampler_the_flags_name(tmp_path, monkeypatch):
     train(tmp_path, "--sampler", "dpmpp_2m", "--sampling_timesteps", "3", "--train_num_steps", "2",
           "--save_and_sample_every", "2")
     assert calls == [3]
+
+
+def test_a_run_on_built_in_shapes_ends_with_a_score_of_its_samples(tmp_path, capsys):
+    run = train(tmp_path, "--dataset", "shapes", "--channels", "3", "--train_num_steps", "2",
+                "--save_and_sample_every", "2", "--num_samples", "4")
+    score = json.loads((run / "score.json").read_text())
+    assert score["step"] == 2 and set(score) == {"step", "samples", "data", "noise"}
+    assert score["data"] < score["noise"] and score["samples"] > score["data"]  # 2 steps: far from the data
+    assert f"sample score:      {score['samples']:.3f}" in capsys.readouterr().out

@@ -237,6 +237,11 @@ def run(args: dict[str, Any]) -> Path:
     if main_proc:
         curve = plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss.png")
         say(run_summary(run_dir, state, curve))
+        if trainer.last_samples is not None and hasattr(dataset, "score"):  # built-in data that can judge samples
+            score = {"step": state.step, **dataset.score(trainer.last_samples.float().cpu())}
+            (run_dir / "score.json").write_text(json.dumps(score, indent=2) + "\n")
+            say(f"  sample score:      {score['samples']:.3f} of the last samples' pixels are off their main flat "
+                f"colours (training images {score['data']:.3f}, noise {score['noise']:.3f}; lower is crisper)")
     if main_proc and cfg.run.report_to == "wandb" and os.environ.get("WANDB_MODE") == "offline":
         say(f"W&B run saved offline in {tracker.location}; upload it with: wandb sync {tracker.location}")
     # Free the wrapped network, its optimizer and their pending collective work while the interpreter is

@@ -121,6 +121,7 @@ class Trainer:
         self.state = TrainState()
         self._channels_last = uses_channels_last(cfg)
         self._sampling_net = None  # the EMA network as sampling calls it: compiled with --compile
+        self.last_samples: torch.Tensor | None = None  # of the last save-and-sample, on the main process
         self._consecutive_nonfinite, self._data_wait = 0, 0.0  # seconds spent waiting for batches
         self._stop = _StopSignal()
         self._stop_flag = torch.zeros((), device=self.device)
@@ -300,7 +301,9 @@ class Trainer:
 
     def save_and_sample(self) -> None:
         if self.cfg.train.num_samples > 0:
-            path = self.preview.save(self.sample(self.cfg.train.num_samples), self.state.step)
+            out = self.sample(self.cfg.train.num_samples)
+            self.last_samples = None if out is None else out[0]  # the main process's, for the end-of-run score
+            path = self.preview.save(out, self.state.step)
             if path is not None:
                 self.tracker.log_media("samples", path, self.state.step)
         self.save()
