@@ -18,7 +18,7 @@ from torch import nn
 from models.compiled import compiled
 from models.guidance import check_prior, evaluate_objective
 from models.layers import default
-from models.sampling import STEERABLE, sampler_by_name, time_grid
+from models.sampling import SPACINGS, STEERABLE, default_spacing, sampler_by_name, time_grid
 
 OBJECTIVES = ("pred_noise", "pred_x0", "pred_v")
 LOSS_TYPES = ("l1", "l2")
@@ -91,6 +91,8 @@ class GaussianDiffusion(nn.Module):
         timesteps: number of diffusion steps T.
         sampling_timesteps: default steps for `sample()` (default T).
         sampler: default sampler of `sample()`, one of `models.sampling.SAMPLER_NAMES`.
+        sampling_spacing: default spacing of the sampling steps: "uniform" in t, "logsnr", or "auto" (log-SNR
+            for DPM-Solver++, uniform for the others).
         objective: what the network predicts: "pred_noise" (eps), "pred_x0" or "pred_v"
             (v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0, Salimans & Ho 2022).
         beta_schedule: "linear", "cosine" or "sigmoid".
@@ -122,6 +124,7 @@ class GaussianDiffusion(nn.Module):
         timesteps=1000,
         sampling_timesteps=None,
         sampler="ddim",
+        sampling_spacing="auto",
         objective="pred_v",
         beta_schedule="sigmoid",
         schedule_kwargs=None,
@@ -161,6 +164,9 @@ class GaussianDiffusion(nn.Module):
         self.offset_noise_strength = offset_noise_strength
         self.ddim_eta = ddim_eta
         self.sampler = sampler
+        if sampling_spacing not in ("auto", *SPACINGS):
+            raise ValueError(f"unknown sampling_spacing {sampling_spacing!r}; valid: auto, {', '.join(SPACINGS)}")
+        self.sampling_spacing = sampling_spacing
         self.clip_denoised = clip_denoised
         self.cond_steps = cond_steps
         self._compiled_losses = None  # compile_loss()
@@ -444,7 +450,8 @@ class GaussianDiffusion(nn.Module):
 
     @torch.no_grad()
     def sample(self, batch_size, *, model=None, cond=None, x_known=None, known=None, generator=None, sampler=None,
-               sampling_timesteps=None, eta=None, progress=False, after_step=None, guidance=None, prior=None):
+               sampling_timesteps=None, eta=None, progress=False, after_step=None, guidance=None, prior=None,
+               spacing=None):
         """Generate `[batch_size, *sample_shape]` in model space.
 
         Args:
@@ -457,6 +464,8 @@ class GaussianDiffusion(nn.Module):
             generator: torch.Generator on the buffers' device for every random draw.
             sampler: a name in `models.sampling.SAMPLER_NAMES` (default: the constructor's).
             sampling_timesteps: network evaluations, in [1, timesteps] (default: the constructor's).
+            spacing: "uniform", "logsnr" or "auto" (`models.sampling.default_spacing` of the sampler) (default:
+                the constructor's `sampling_spacing`).
             eta: DDIM noise scale (default: the constructor's `ddim_eta`); only the "ddim" sampler takes it.
             progress: show a tqdm bar.
             after_step: `after_step(x, i) -> x`, applied to the state after each step i (see `models.sampling`),
@@ -478,7 +487,9 @@ class GaussianDiffusion(nn.Module):
             options["eta"] = default(eta, self.ddim_eta)
         elif eta:
             raise ValueError(f"eta={eta} only applies to the ddim sampler; sampler {sampler!r} takes no eta")
-        grid = time_grid(self._schedule64["alphas_cumprod"], default(sampling_timesteps, self.sampling_timesteps))
+        spacing = default(spacing, self.sampling_spacing)
+        grid = time_grid(self._schedule64["alphas_cumprod"], default(sampling_timesteps, self.sampling_timesteps),
+                         default_spacing(sampler) if spacing == "auto" else spacing)
         shape = (batch_size, *self.sample_shape)
         x_T = randn(shape, generator=generator, device=self.betas.device)
         if x_known is not None:

@@ -153,7 +153,7 @@ def test_dpm_solver_is_second_order_on_gaussian_data():
 
 
 def test_dpm_solver_converges_on_the_default_schedules_grid():
-    """The grid users get: sigmoid schedule, T = 1000, steps uniform in t. Its last step, from t ~ T/n to
+    """The uniform grid (--sampling_spacing uniform): sigmoid schedule, T = 1000, steps uniform in t. Its last step, from t ~ T/n to
     t = 0, spans a large h (about 2 at 20 steps), where the two-step extrapolation gains little: DPM-Solver++
     only matches DDIM at 20 steps and wins from 40."""
     mu, x_T = gaussian_data()
@@ -322,3 +322,33 @@ def test_bad_sampler_options_raise():
     with pytest.raises(ValueError, match="sampling_timesteps"):
         diffusion.sample(1, sampling_timesteps=31)
     assert diffusion.sample(1, eta=0.0, sampling_timesteps=2).shape == (1, 1, 8, 8)  # eta 0 means "none"
+
+
+def test_the_log_snr_grid_makes_dpm_solver_four_times_closer_at_20_steps():
+    """On the default sigmoid schedule (T = 1000), DPM-Solver++ on the log-SNR grid against both samplers on
+    the uniform grid, from the same noise, against the exact flow of Gaussian data."""
+    mu, x_T = gaussian_data()
+    ac = torch.cumprod(1 - sigmoid_beta_schedule(1000), 0)
+    reference = gaussian_flow(mu, x_T, ac[-1].item(), ac[0].item())
+    x0_hat = gaussian_x0_hat(mu)
+    error = {}
+    for name, spacing in (("ddim", "uniform"), ("dpmpp_2m", "uniform"), ("dpmpp_2m", "logsnr")):
+        grid = time_grid(ac, 20, spacing)
+        error[name, spacing] = rms(state_at_t0(SAMPLERS[name], closed_form_denoiser(ac, x0_hat), x_T, grid) - reference)
+    # Measured: DDIM 3.99e-2, DPM-Solver++ 3.77e-2 on the uniform grid, 9.89e-3 on the log-SNR grid.
+    assert error["dpmpp_2m", "logsnr"] * 3.5 < min(error["ddim", "uniform"], error["dpmpp_2m", "uniform"])
+
+
+def test_the_log_snr_grid_is_even_in_lambda_and_the_default_for_dpm_solver():
+    from models.sampling import default_spacing
+
+    ac = torch.cumprod(1 - sigmoid_beta_schedule(1000), 0)
+    grid = time_grid(ac, 20, "logsnr")
+    assert len(grid.steps) == 20 and grid.steps[0] == 999 and grid.steps[-1] == 0
+    assert list(grid.steps) == sorted(set(grid.steps), reverse=True)
+    lam = 0.5 * (grid.alpha_bar[:-1] / (1 - grid.alpha_bar[:-1])).log()
+    gaps = lam.diff()[5:]  # past the noisiest few, where one timestep spans more than an even share of lambda
+    assert gaps.min() > 0 and gaps.max() < 1.5 * gaps.median()
+    assert default_spacing("dpmpp_2m") == "logsnr" and default_spacing("ddim") == "uniform"
+    with pytest.raises(ValueError, match="unknown sampling spacing"):
+        time_grid(ac, 5, "quadratic")

@@ -26,7 +26,8 @@ def diffusion_spec(cfg: Config) -> dict:
     d = cfg.diffusion
     known = {"known": burgers_known(cfg).tolist()} if is_burgers(cfg) else {}
     return dict(sample_shape=list(sample_shape(cfg)), timesteps=d.timesteps, sampler=d.sampler,
-                sampling_timesteps=d.sampling_timesteps, objective=d.objective, beta_schedule=d.beta_schedule,
+                sampling_timesteps=d.sampling_timesteps, sampling_spacing=d.sampling_spacing, objective=d.objective,
+                beta_schedule=d.beta_schedule,
                 loss_type=d.loss_type, min_snr_loss_weight=d.min_snr_loss_weight, min_snr_gamma=d.min_snr_gamma,
                 offset_noise_strength=d.offset_noise_strength, ddim_eta=d.ddim_eta,
                 clip_denoised=d.clip_denoised if d.clip_denoised is not None else not is_simulation(cfg),

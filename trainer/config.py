@@ -21,7 +21,7 @@ from typing import Any, get_args, get_type_hints
 
 from models.compiled import COMPILE_BACKENDS, COMPILE_MODES
 from models.diffusion import BETA_SCHEDULES, LOSS_TYPES, OBJECTIVES
-from models.sampling import SAMPLER_NAMES
+from models.sampling import SAMPLER_NAMES, SPACINGS
 from trainer.data.base import check_image_shape
 from trainer.errors import ConfigError
 
@@ -72,8 +72,11 @@ class DiffusionConfig:
     sampler: str = _field("ddim", "Sampler of the save-and-sample grids and of trainer/sample.py: ddpm "
                           "(ancestral), ddim (deterministic at --ddim_eta 0), dpmpp_2m (DPM-Solver++ 2M, "
                           "good at 10-25 steps).", choices=SAMPLER_NAMES)
-    sampling_timesteps: int = _field(250, "Network evaluations per sample, spread evenly over --timesteps "
-                                     "(at most --timesteps).")
+    sampling_timesteps: int = _field(250, "Network evaluations per sample, spread over --timesteps as "
+                                     "--sampling_spacing says (at most --timesteps).")
+    sampling_spacing: str = _field("auto", "Where the sampling steps lie: uniform in t, or logsnr (evenly in "
+                                   "log(alpha/sigma), what DPM-Solver++'s steps assume); auto: logsnr for dpmpp_2m, "
+                                   "uniform for ddpm and ddim.", choices=("auto", *SPACINGS))
     objective: str = _field("pred_v", "What the network predicts.", choices=OBJECTIVES)
     beta_schedule: str = _field("sigmoid", "Noise schedule.", choices=tuple(BETA_SCHEDULES))
     loss_type: str = _field("l2", "Regression loss on the objective.", choices=LOSS_TYPES)
@@ -233,7 +236,7 @@ PRESET_VALUES = {
 # Fields that are not part of the model/data contract of a checkpoint: they may change on resume
 # without being reported as a difference.
 RESUME_FREE = {"resume", "run_name", "results_path", "train_num_steps", "save_and_sample_every", "eval_every",
-               "eval_trajectories",
+               "eval_trajectories", "sampling_spacing",
                "num_samples", "log_every", "report_to", "wandb_project", "num_workers",
                "checkpoints_total_limit", "preset", "max_nonfinite_steps", "max_rollbacks", "compile", "compile_mode",
                "compile_backend", "channels_last", "grad_checkpointing"}
