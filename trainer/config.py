@@ -92,7 +92,8 @@ class DiffusionConfig:
 class DataConfig:
     dataset: str = _field("shapes", "A built-in dataset (images: shapes, two_modes; clips for --model unet3d: "
                           "moving_shapes, bouncing shapes; navier_stokes, fluid trajectories generated once, see "
-                          "--ns_preset; burgers, 1D Burgers control problems, see --burgers_observe), a Hugging Face Hub dataset name, or a folder saved with datasets' "
+                          "--ns_preset; burgers, 1D Burgers control problems, see --burgers_observe; ns_control, Kolmogorov "
+                          "flow steered by its forcing amplitude, for --model unet3d), a Hugging Face Hub dataset name, or a folder saved with datasets' "
                           "save_to_disk.")
     train_data_dir: str | None = _field(None, "A folder of images (any depth) to train on, listed at start-up "
                                         "and checked in the background (unreadable files skipped, cached); of clips for --model unet3d (.gif; .npy/.npz arrays [T, H, W], "
@@ -101,6 +102,11 @@ class DataConfig:
                                         "[T, C, H, W] trajectory.")
     image_column: str | None = _field(None, "Image column of a Hub dataset (default: the first image column).")
     split: str = _field("train", "Split of a Hub dataset.")
+    streaming: bool = _field(False, "Stream the images as they are trained on, for data larger than a disk: "
+                             "--dataset NAME of the Hub, or a local folder, file or glob of parquet or webdataset "
+                             "(.tar) shards (also as --train_data_dir); split across processes, shuffled in a "
+                             "buffer, its position saved in checkpoints.")
+    shuffle_buffer: int = _field(1000, "Encoded images held in the shuffle buffer of --streaming, per process.")
     image_size: int = _field(32, "Side of the square training images, in pixels.")
     channels: int = _field(3, "Image channels: 3 for RGB, 1 for grayscale.")
     random_flip: bool = _field(True, "Random horizontal flips of images, drawn from the seeded step generator "
@@ -119,8 +125,10 @@ class DataConfig:
     ns_channels: tuple[str, ...] = _field(("vorticity",), "Fields of the Navier-Stokes data, any of: vorticity u v.")
     ns_size: int | None = _field(None, "Frames of the Navier-Stokes data are ns_size x ns_size (default: the "
                                  "preset's 64); the solver's grid is as much finer as the preset's.")
-    num_trajectories: int = _field(64, "Training trajectories of --dataset navier_stokes (fno's protocol: 1000).")
-    num_test_trajectories: int = _field(16, "Held-out trajectories of --dataset navier_stokes (fno's protocol: 200).")
+    num_trajectories: int = _field(64, "Training trajectories of --dataset navier_stokes (fno's protocol: 1000) "
+                                   "and of --dataset ns_control.")
+    num_test_trajectories: int = _field(16, "Held-out trajectories of --dataset navier_stokes (fno's protocol: 200) "
+                                        "and control problems of --dataset ns_control.")
     burgers_observe: str = _field("full", "Burgers control data (--dataset burgers): full observation, or partial "
                                   "(only the outer quarters of the domain; the rest of the state is not given).",
                                   choices=BURGERS_SETTINGS)
@@ -161,6 +169,15 @@ class TrainConfig:
                              "checkpoints/best: forecasters are rolled out on held-out trajectories and judged by "
                              "the relative L2 of the predicted frames.")
     eval_trajectories: int = _field(4, "Held-out trajectories rolled out at each --eval_every.")
+    fid_every: int = _field(0, "Image runs: score EMA samples by FID and KID against the training images every this "
+                            "many steps (0: never), and keep the best by FID in checkpoints/best; needs --fid_weights.")
+    fid_num_samples: int = _field(1000, "EMA samples per --fid_every, split across processes, and training images "
+                                  "(or all, if fewer) whose features are computed once and cached in $EDDY_CACHE/fid.")
+    fid_weights: str | None = _field(None, "The feature network of --fid_every, a local TorchScript file: NVlabs' "
+                                     "inception-2015-12-05.pt (called as net(x, return_features=True)), or any network "
+                                     "mapping images [N, 3, H, W] in [0, 255] to features [N, D] (called as net(x) "
+                                     "where it takes no return_features). Without it the run says so and goes on "
+                                     "unscored.")
     mixed_precision: str = _field("auto", "auto: bf16 on GPUs that support it, else no.", choices=MIXED_PRECISION)
     seed: int = _field(0, "Seed of the data order, the noise and the initial weights.")
     max_nonfinite_steps: int = _field(20, "Consecutive steps with a non-finite loss or gradient (each one "
@@ -228,7 +245,7 @@ PRESET_VALUES = {
     "tiny": dict(dim=32, dim_mults=(1, 2, 2), attn_heads=2, attn_dim_head=16, image_size=16,
                  batch_size=16, train_num_steps=1000, lr=1e-3, lr_warmup_steps=50,
                  sampling_timesteps=50, save_and_sample_every=250, num_samples=16,
-                 ema_update_after_step=50, ema_decay=0.99, ema_update_every=1, log_every=25),
+                 ema_update_after_step=50, ema_decay=0.99, ema_update_every=1, log_every=25, fid_num_samples=256),
     "full": dict(dim=64, dim_mults=(1, 2, 4, 8), image_size=32, batch_size=64, train_num_steps=100_000,
                  lr=8e-5, sampling_timesteps=250, save_and_sample_every=1000, num_samples=64),
 }
@@ -236,7 +253,7 @@ PRESET_VALUES = {
 # Fields that are not part of the model/data contract of a checkpoint: they may change on resume
 # without being reported as a difference.
 RESUME_FREE = {"resume", "run_name", "results_path", "train_num_steps", "save_and_sample_every", "eval_every",
-               "eval_trajectories", "sampling_spacing",
+               "eval_trajectories", "fid_every", "fid_num_samples", "fid_weights", "sampling_spacing",
                "num_samples", "log_every", "report_to", "wandb_project", "num_workers",
                "checkpoints_total_limit", "preset", "max_nonfinite_steps", "max_rollbacks", "compile", "compile_mode",
                "compile_backend", "channels_last", "grad_checkpointing"}
@@ -326,6 +343,12 @@ def validate(cfg: Config) -> None:
     if t.eval_every < 0 or t.eval_trajectories < 1:
         raise ConfigError(f"--eval_every must be 0 or more and --eval_trajectories at least 1, got {t.eval_every} "
                           f"and {t.eval_trajectories}.")
+    if t.fid_every < 0 or t.fid_num_samples < 2:
+        raise ConfigError(f"--fid_every must be 0 or more and --fid_num_samples at least 2, got {t.fid_every} and "
+                          f"{t.fid_num_samples}.")
+    if t.fid_every and t.fid_weights is not None and not Path(t.fid_weights).is_file():
+        raise ConfigError(f"--fid_weights {t.fid_weights} does not exist: pass a local copy of "
+                          f"inception-2015-12-05.pt (README, Training), or drop --fid_weights.")
     if t.max_rollbacks < 0:
         raise ConfigError(f"--max_rollbacks must be 0 or more, got {t.max_rollbacks}.")
     if t.num_samples < 0:
@@ -369,6 +392,32 @@ def validate(cfg: Config) -> None:
     if data.train_data_dir is not None and not Path(data.train_data_dir).exists():
         raise ConfigError(f"--train_data_dir {data.train_data_dir} does not exist. "
                           f"Pass a folder of images, or drop the flag to train on a built-in dataset.")
+    validate_streaming(cfg)
+
+
+def validate_streaming(cfg: Config) -> None:
+    """--streaming takes a Hub dataset or local parquet / webdataset shards of pictures, nothing generated."""
+    from trainer.data.builtin import BUILTIN_DATASETS
+    from trainer.data.streaming import find_shards
+
+    data = cfg.data
+    if data.shuffle_buffer < 1:
+        raise ConfigError(f"--shuffle_buffer must be at least 1, got {data.shuffle_buffer}.")
+    if not data.streaming:
+        return
+    if cfg.model.model != "unet" or is_simulation(cfg):
+        raise ConfigError("--streaming streams pictures for the 2D Unet; clips and simulations are read from disk "
+                          "(built-in or --train_data_dir). Drop --streaming.")
+    if data.train_data_dir is None and data.dataset in BUILTIN_DATASETS:
+        raise ConfigError(f"--dataset {data.dataset} is built in (generated, nothing to stream): drop --streaming, or "
+                          f"pass a Hub dataset name or parquet / webdataset shards as --dataset.")
+    if cfg.train.fid_every:
+        raise ConfigError("--fid_every compares samples with training images drawn by index, which a stream has "
+                          "not: drop --fid_every or --streaming.")
+    if data.train_data_dir is not None:
+        find_shards(data.train_data_dir, "--train_data_dir")
+    else:
+        find_shards(data.dataset)  # a local path must hold shards; anything else names a Hub dataset
 
 
 def uses_channels_last(cfg: Config) -> bool:
@@ -381,12 +430,17 @@ def is_burgers(cfg: Config) -> bool:
     return cfg.data.dataset == "burgers" and cfg.data.train_data_dir is None
 
 
+def is_flow_control(cfg: Config) -> bool:
+    """Whether the run trains on the built-in fluid control data (trainer/data/ns_control.py)."""
+    return cfg.data.dataset == "ns_control" and cfg.data.train_data_dir is None
+
+
 def is_simulation(cfg: Config) -> bool:
     """Whether the run trains on physical fields (built-in Navier-Stokes or Burgers, or a folder of sim_*.npz
     files)."""
     from trainer.data.fluid import is_simulation_folder
 
-    return cfg.data.dataset in ("navier_stokes", "burgers") or (
+    return cfg.data.dataset in ("navier_stokes", "burgers", "ns_control") or (
         cfg.data.train_data_dir is not None and is_simulation_folder(cfg.data.train_data_dir))
 
 
@@ -434,9 +488,15 @@ def validate_clips(cfg: Config) -> None:
         raise ConfigError("--eval_every evaluates forecasters on held-out data: --model unet3d --cond_steps k on "
                           "--dataset navier_stokes (whose test split it rolls out). For other runs use "
                           "trainer/evaluate.py or trainer/sample.py on the checkpoints, or drop --eval_every.")
+    if cfg.train.fid_every and (m.model != "unet" or is_simulation(cfg)):
+        raise ConfigError("--fid_every scores generated images against the training images: it applies to image "
+                          "runs (--model unet on pictures), not to clips or simulations. Drop --fid_every.")
     if data.dataset == "burgers" and (m.model != "unet" or data.train_data_dir is not None):
         raise ConfigError("--dataset burgers trains the 2D Unet on (time x space) images of states and controls: drop "
                           "--model unet3d and --train_data_dir.")
+    if data.dataset == "ns_control" and (m.model != "unet3d" or data.train_data_dir is not None or data.cond_steps):
+        raise ConfigError("--dataset ns_control trains the Unet3D on clips of vorticity and forcing amplitude whose "
+                          "first frame is given: use --model unet3d, without --train_data_dir and --cond_steps.")
     if data.dataset != "burgers" and (data.burgers_observe, data.burgers_control, data.burgers_part) != \
             ("full", "full", "joint"):
         raise ConfigError("--burgers_observe, --burgers_control and --burgers_part describe --dataset burgers; add it, "

@@ -200,7 +200,8 @@ def run(args: dict[str, Any]) -> Path:
     net = build_network(cfg)
     diffusion = build_diffusion(cfg, net)
     with accelerator.main_process_first():
-        monitor = make_monitor(cfg, diffusion, accelerator.device, progress=main_proc)
+        monitor = make_monitor(cfg, diffusion, accelerator.device, progress=main_proc, accelerator=accelerator,
+                               dataset=dataset)
 
     if main_proc:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -274,6 +275,8 @@ def run_summary(run_dir: Path, state, curve: Path | None) -> str:
 def describe_data(cfg: Config, dataset) -> str:
     data = cfg.data
     shape = "x".join(map(str, sample_shape(cfg)))
+    if getattr(dataset, "streaming", False):  # of unknown length
+        return f"a stream of images of {shape} from {dataset.source} (shuffle buffer {data.shuffle_buffer})"
     if not dataset.frames:
         return f"{len(dataset)} images of {shape}"
     given = f", the first {data.cond_steps} given" if data.cond_steps else ""

@@ -114,8 +114,11 @@ class Trainer:
         self.optimizer = strategy.optimizer
         self.ema = make_ema(strategy, cfg, self.device)
 
-        self.sampler = ResumableBatchSampler(len(dataset), t.batch_size, accelerator.process_index,
-                                             accelerator.num_processes, t.seed)
+        if getattr(dataset, "streaming", False):  # no length: a stream keeps its own position (data/streaming.py)
+            self.sampler = dataset.position(t.batch_size, accelerator.process_index, accelerator.num_processes, t.seed)
+        else:
+            self.sampler = ResumableBatchSampler(len(dataset), t.batch_size, accelerator.process_index,
+                                                 accelerator.num_processes, t.seed)
         self.loader = make_loader(dataset, self.sampler, cfg.data.num_workers, self.device, accelerator.num_processes)
         self.preview = Preview(accelerator, diffusion, dataset, self.run_dir, cfg.train.seed)
         self.state = TrainState()
@@ -176,7 +179,7 @@ class Trainer:
                     self.tracker.log(metrics, self.state.step)
 
                 # Evaluate, and keep the best checkpoint.
-                if t.eval_every and self.state.step % t.eval_every == 0:
+                if self.monitor.every and self.state.step % self.monitor.every == 0:
                     self.evaluate()
 
                 # Save and sample.
@@ -292,6 +295,8 @@ class Trainer:
     def evaluate(self) -> None:
         """Score the EMA network (trainer/monitor.py); a new best is saved as checkpoints/best."""
         metrics = self.monitor(self.ema.ema_model, self.state.step)
+        if metrics is None:  # nothing to score with (the same on every rank)
+            return
         self.tracker.log(metrics, self.state.step)
         value = main_decides(lambda: metrics[self.monitor.metric], self.accelerator.is_main_process)
         if self.state.best_metric is None or value < self.state.best_metric:
@@ -374,11 +379,13 @@ def make_ema(strategy: Strategy, cfg: Config, device: torch.device) -> EMA:
 
 def make_loader(dataset: EddyData, sampler: ResumableBatchSampler, num_workers: int, device: torch.device,
                 processes: int) -> DataLoader:
-    """The DataLoader over `sampler`'s batches; `num_workers` -1 picks a count for the device."""
+    """The DataLoader over `sampler`'s batches; `num_workers` -1 picks a count for the device. A stream's
+    loader ends each epoch on every rank at once (trainer/data/streaming.py)."""
     if num_workers < 0:
         num_workers = default_num_workers(device.type == "cuda", int(os.environ.get("LOCAL_WORLD_SIZE", processes)))
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=device.type == "cuda",
-                      persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None)
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=device.type == "cuda",
+                        persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None)
+    return sampler.epochs(loader) if getattr(dataset, "streaming", False) else loader
 
 
 def write_replicas(path, step: int, digests: list[str], say) -> None:
