@@ -75,7 +75,7 @@ def test_a_users_objective_by_dotted_path_steers_the_control(runs, tmp_path, mon
     monkeypatch.setenv("EDDY_CACHE", str(runs["results"] / "cache"))
     report = control(str(runs["joint"]), objective="test_control:J_control_energy", guidance_scale=2.0, num_problems=4,
                      batch_size=4, out=str(tmp_path / "o"), progress=False, say=lambda m: None)
-    assert report["energy"]["model"]["mean"] < report["energy"]["unguided"]["mean"]
+    assert report["control_cost"]["model"]["mean"] < report["control_cost"]["unguided"]["mean"]
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -100,3 +100,24 @@ def test_a_run_whose_data_define_no_control_problem_is_refused(tmp_path):
     run = train(tmp_path, "--train_num_steps", "1", "--save_and_sample_every", "1")
     with pytest.raises(ConfigError, match="define no control problem"):
         control(str(run), progress=False, say=lambda m: None)
+
+
+def test_fluid_control_is_generated_steered_towards_low_energy_and_re_simulated(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDDY_CACHE", str(tmp_path / "cache"))
+    run = train(tmp_path, "--model", "unet3d", "--dataset", "ns_control", "--num_trajectories", "6",
+                "--num_test_trajectories", "3", "--dim", "8", "--dim_mults", "1", "2", "--attn_heads", "1",
+                "--attn_dim_head", "8", "--timesteps", "40", "--sampling_timesteps", "3", "--batch_size", "2",
+                "--num_samples", "1", "--train_num_steps", "2", "--save_and_sample_every", "2", "--report_to", "none",
+                "--preset", "tiny", run_name="flow")
+    assert (run / "samples" / "step-00000002.gif").is_file()
+    report = control(str(run), guidance_scale=5.0, energy_weight=0.1, num_problems=3, batch_size=3,
+                     out=str(tmp_path / "c"), progress=False, say=lambda m: None)
+    assert report["metric"] == "J" and set(report["J_actual"]) == {"model", "unguided", "data controls", "no control"}
+    out = np.load(tmp_path / "c" / "controls.npz")
+    from trainer.data import ns_control
+
+    again = ns_control.score(torch.from_numpy(out["omega0"]), torch.from_numpy(out["a"]), 0.1)
+    np.testing.assert_allclose(again["J"].numpy(), out["J_model"], rtol=1e-10)
+    assert out["a"].shape == (3, ns_control.CONTROL_STEPS)
+    with pytest.raises(ConfigError, match="no prior model of the control alone"):
+        control(str(run), prior=str(run), gamma=0.5, progress=False, say=lambda m: None)

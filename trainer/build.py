@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from models import GaussianDiffusion
-from trainer.config import Config, is_burgers, is_simulation, is_video
+from trainer.config import Config, is_burgers, is_flow_control, is_simulation, is_video
 from trainer.errors import ConfigError
 
 
@@ -24,7 +24,13 @@ def network_spec(cfg: Config) -> tuple[str, dict]:
 def diffusion_spec(cfg: Config) -> dict:
     """The `GaussianDiffusion` keyword arguments of the run, but the network."""
     d = cfg.diffusion
-    known = {"known": burgers_known(cfg).tolist()} if is_burgers(cfg) else {}
+    known = {}
+    if is_burgers(cfg):
+        known = {"known": burgers_known(cfg).tolist()}
+    elif is_flow_control(cfg):
+        from trainer.data.ns_control import known_mask
+
+        known = {"known": known_mask().tolist()}
     return dict(sample_shape=list(sample_shape(cfg)), timesteps=d.timesteps, sampler=d.sampler,
                 sampling_timesteps=d.sampling_timesteps, sampling_spacing=d.sampling_spacing, objective=d.objective,
                 beta_schedule=d.beta_schedule,
@@ -61,6 +67,10 @@ def sample_shape(cfg: Config) -> tuple[int, ...]:
         from trainer.data.burgers import HEIGHT, N_POINTS
 
         return (len(burgers_channels(cfg)), HEIGHT, N_POINTS)
+    if is_flow_control(cfg):
+        from trainer.data.ns_control import CONTROL_STEPS, SIZE
+
+        return (2, CONTROL_STEPS + 1, SIZE, SIZE)
     frames = (data.frames,) if cfg.model.model == "unet3d" else ()
     return (data.channels, *frames, data.image_size, data.image_size)
 
@@ -80,6 +90,11 @@ def build_dataset(cfg: Config, *, split: str | None = None, progress: bool = Tru
                                   num_train=data.burgers_trajectories, num_test=data.burgers_test_trajectories,
                                   seed=cfg.train.seed, progress=progress)
         return dataset if data.burgers_part == "joint" else ChannelSubset(dataset, burgers_channels(cfg))
+    if is_flow_control(cfg):
+        from trainer.data.ns_control import controlled_flow_dataset
+
+        return controlled_flow_dataset(split=split, num_train=data.num_trajectories, num_test=data.num_test_trajectories,
+                                       seed=cfg.train.seed, progress=progress)
     if is_simulation(cfg):
         from trainer.data.fluid import load_simulation_folder, navier_stokes_dataset
 
@@ -102,6 +117,12 @@ def build_dataset(cfg: Config, *, split: str | None = None, progress: bool = Tru
                                        channels=data.channels, progress=progress)
         dataset.random_flip = data.random_flip
         return dataset
+    if data.streaming:
+        from trainer.data.streaming import load_image_stream
+
+        return load_image_stream(data.train_data_dir or data.dataset, split=split, image_column=data.image_column,
+                                 image_size=data.image_size, channels=data.channels,
+                                 shuffle_buffer=data.shuffle_buffer, random_flip=data.random_flip)
     from trainer.data import build_image_dataset
 
     return build_image_dataset(dataset=data.dataset, train_data_dir=data.train_data_dir,
@@ -118,6 +139,10 @@ def fit_config_to_data(cfg: Config, dataset) -> None:
         cfg.diffusion.clip_denoised = dataset.bounded
     if is_burgers(cfg):
         cfg.data.channels, cfg.data.field_channels, cfg.data.image_size = dataset.channels, 0, dataset.image_size[1]
+        return
+    if is_flow_control(cfg):
+        data = cfg.data
+        data.channels, data.field_channels, data.image_size, data.frames = 2, 0, dataset.image_size, dataset.frames
         return
     if not is_simulation(cfg):
         return

@@ -1,28 +1,35 @@
 """Generate controls for held-out control problems, re-simulate them with the solver, and score them:
 `python trainer/control.py CHECKPOINT [flags]` or `./launch.sh control ...`.
 
-CHECKPOINT is a joint model of (state trajectory, control) trained with `--dataset burgers` (a run folder, a
-checkpoint folder, or `latest`). For each of the first --num_problems problems of the test split, the
-sampler generates the trajectory and the control together, with the initial and target states given
-(written back after every step), steered by:
+CHECKPOINT is a joint model of (state trajectory, control) trained on built-in control data (a run folder,
+a checkpoint folder, or `latest`):
+
+- `--dataset burgers` (trainer/data/burgers.py, DiffPhyCon's 1D Burgers task): the initial and the target
+  state are given; scored as DiffPhyCon scores it, J_actual = mean over the observed x of
+  (u(T) - u_target)^2, with the control energy sum f^2 beside it;
+- `--dataset ns_control` (trainer/data/ns_control.py, Kolmogorov flow steered by its forcing amplitude per
+  interval): the initial vorticity is given; J = the kinetic energy of the final frame + --energy_weight x
+  the mean squared amplitude, with the control cost mean(a^2) beside it.
+
+For each of the first --num_problems problems of the test split the sampler generates the trajectory and
+the control together, the given entries written back after every step, steered by:
 
 - objective guidance (models/guidance.py): --guidance_scale lambda times the gradient of an objective
-  J(x0_hat) through the network, on the schedule --guidance_schedule. The built-in objective is the
-  mismatch of the generated final state with the target on the observed points plus --energy_weight
-  times the mean squared control (physical units); --objective module:function names your own,
-  `J(x0_hat, cond) -> [B]` on model-space samples, `cond` holding "x_known" and "known";
-- prior reweighting: --prior, a model of the control alone (`--burgers_part control`, same setting and
-  schedule), with --gamma: the control's noise estimate becomes eps_joint + (gamma - 1) eps_prior.
+  J(x0_hat) through the network, on the schedule --guidance_schedule. The built-in objective is the task's
+  J on the generated trajectory (Burgers: the final state's mismatch with the target on the observed points
+  plus --energy_weight times the mean squared control; physical units); --objective module:function names
+  your own, `J(x0_hat, cond) -> [B]` on model-space samples, `cond` holding "x_known" and "known";
+- prior reweighting (Burgers): --prior, a model of the control alone (`--burgers_part control`, same setting
+  and schedule), with --gamma: the control's noise estimate becomes eps_joint + (gamma - 1) eps_prior.
   --gamma 1 is the joint model alone.
 
 The generated control (zeroed where the setting does not control) is re-simulated from the true initial
-state, and scored as DiffPhyCon scores it: J_actual = mean over the observed x of (u(T) - u_target)^2,
-and the control energy sum f^2. Beside it, from the same problems: the data set's own controls, no
-control, and the unguided joint model (same noise). Written to <run>/control/<time>_<label>/ (or --out):
+state. Beside it, from the same problems: the data set's own controls, no control, and the unguided joint
+model (same noise). Written to <run>/control/<time>_<label>/ (or --out):
 
-    report.json   settings, per-method mean / median J_actual and energy, the per-problem values
-    report.png    J_actual per method, and one problem's final state under each control against the target
-    controls.npz  f (generated), u (re-simulated), f_unguided, u0, u_target, f_data, per-problem J
+    report.json   settings, per-method mean / median J_actual and control cost, the per-problem values
+    report.png    J_actual per method, and problem 0 re-simulated under each control
+    controls.npz  the generated and the unguided controls, the data's, the re-simulated states, per-problem J
 """
 
 from __future__ import annotations
@@ -111,34 +118,115 @@ def main(argv: list[str] | None = None) -> int:
 def load_model(checkpoint: str, *, weights: str, device: torch.device, results_path: str, what: str):
     """(config, run folder, checkpoint folder, GaussianDiffusion in eval mode) of a Burgers run."""
     from trainer.build import build_diffusion, build_network
-    from trainer.config import is_burgers
+    from trainer.config import is_burgers, is_flow_control
 
     run_dir, ckpt_dir = resolve_checkpoint(str(checkpoint), results_path)
     cfg, state = checkpoint_config(ckpt_dir, run_dir, has_gpu=device.type == "cuda")
-    if not is_burgers(cfg):
+    if not (is_burgers(cfg) or is_flow_control(cfg)):
         raise ConfigError(f"{what} {checkpoint} was trained on {cfg.data.train_data_dir or cfg.data.dataset}, whose data "
                           f"define no control problem (no control channels, observed or controlled region): "
-                          f"control needs a model trained with --dataset burgers.")
+                          f"control needs a model trained with --dataset burgers or --dataset ns_control.")
     net = build_network(cfg)
     load_weights(net, ckpt_dir / WEIGHTS[weights])
     return cfg, run_dir, ckpt_dir, build_diffusion(cfg, net).to(device).eval()
 
 
-def final_state_objective(dataset, energy_weight: float) -> Callable:
-    """J(x0_hat) = mean over the observed x of (u_hat(T) - u_target)^2 + energy_weight * mean f_hat^2 over the
-    controlled entries, in physical units; u_target is the given final state of `cond["x_known"]`."""
-    from trainer.data import burgers
+class BurgersTask:
+    """The Burgers problems (trainer/data/burgers.py): reach u_target at T; scored by J_actual."""
 
-    observed = burgers.region(dataset.observe)
-    controlled = burgers.region(dataset.control)
+    metric, cost = "J_actual", "energy"
 
-    def J(x0, cond):
-        u, f = dataset.unpack(x0)
-        u_target, _ = dataset.unpack(cond["x_known"])
-        mismatch = (u[:, -1] - u_target[:, -1])[:, observed.to(x0.device)].square().mean(-1)
-        return mismatch + energy_weight * f[..., controlled.to(x0.device)].square().flatten(1).mean(1)
+    def __init__(self, dataset, cfg):
+        from trainer.data import burgers
 
-    return J
+        self.burgers, self.dataset = burgers, dataset
+        self.settings = dict(observe=cfg.data.burgers_observe, control=cfg.data.burgers_control)
+        self.reference = ANCHORS.get((self.settings["observe"], self.settings["control"]))
+        self.reference_note = ANCHOR_NOTE
+
+    def describe(self) -> str:
+        return f"Burgers control problems (observe {self.settings['observe']}, control {self.settings['control']})"
+
+    def problems(self, n: int):
+        self.u0, self.u_target, self.f_data = self.dataset.problems(range(n))
+        return self.dataset.x_known(self.u0, self.u_target)
+
+    def objective(self, energy_weight: float) -> Callable:
+        """J(x0_hat) = mean over the observed x of (u_hat(T) - u_target)^2 + energy_weight * mean f_hat^2 over the
+        controlled entries, in physical units; u_target is the given final state of `cond["x_known"]`."""
+        observed = self.burgers.region(self.settings["observe"])
+        controlled = self.burgers.region(self.settings["control"])
+        dataset = self.dataset
+
+        def J(x0, cond):
+            u, f = dataset.unpack(x0)
+            u_target, _ = dataset.unpack(cond["x_known"])
+            mismatch = (u[:, -1] - u_target[:, -1])[:, observed.to(x0.device)].square().mean(-1)
+            return mismatch + energy_weight * f[..., controlled.to(x0.device)].square().flatten(1).mean(1)
+
+        return J
+
+    def score(self, x_model: torch.Tensor, x_plain: torch.Tensor, energy_weight: float):
+        """(per-problem metric, per-problem cost, arrays for controls.npz, final states for the plot)."""
+        f_model, f_plain = self.dataset.unpack(x_model)[1], self.dataset.unpack(x_plain)[1]
+        scored = self.burgers.score(self.u0, f_model, self.u_target, f_data=self.f_data, **self.settings)
+        plain = self.burgers.score(self.u0, f_plain, self.u_target, **self.settings)
+        metric = {"model": scored["J"], "unguided": plain["J"], "data controls": scored["J_data"],
+                  "no control": scored["J_zero"]}
+        cost = {"model": scored["energy"], "unguided": plain["energy"], "data controls": scored["energy_data"],
+                "no control": torch.zeros_like(scored["energy"])}
+        arrays = dict(f=f_model, u=scored["u"], f_unguided=f_plain, u0=self.u0, u_target=self.u_target, f_data=self.f_data)
+        curves = {"target": self.u_target[0], "model control": scored["u"][0, -1], "unguided": plain["u"][0, -1],
+                  "initial state": self.u0[0]}
+        return metric, cost, arrays, curves
+
+
+class FlowTask:
+    """The fluid control problems (trainer/data/ns_control.py): low kinetic energy at the final frame at a small
+    control cost, J = E(T) + energy_weight mean(a^2); scored by re-simulation."""
+
+    metric, cost = "J", "control cost mean(a^2)"
+
+    def __init__(self, dataset, cfg):
+        from trainer.data import ns_control
+
+        self.ns, self.dataset, self.settings = ns_control, dataset, {}
+        self.reference, self.reference_note = None, None
+
+    def describe(self) -> str:
+        return "fluid control problems (Kolmogorov flow, forcing amplitude per interval)"
+
+    def problems(self, n: int):
+        self.omega0, self.a_data = self.dataset.problems(range(n))
+        return self.dataset.x_known(self.omega0)
+
+    def objective(self, energy_weight: float) -> Callable:
+        dataset, ns = self.dataset, self.ns
+
+        def J(x0, cond):
+            omega, a = dataset.unpack(x0)
+            return ns.kinetic_energy(omega[:, -1]) + energy_weight * a.square().mean(-1)
+
+        return J
+
+    def score(self, x_model: torch.Tensor, x_plain: torch.Tensor, energy_weight: float):
+        a_model, a_plain = self.dataset.unpack(x_model)[1], self.dataset.unpack(x_plain)[1]
+        runs = {"model": a_model, "unguided": a_plain, "data controls": self.a_data,
+                "no control": torch.zeros_like(self.a_data)}
+        scored = {k: self.ns.score(self.omega0, a, energy_weight) for k, a in runs.items()}
+        metric = {k: v["J"] for k, v in scored.items()}
+        cost = {k: v["cost"] for k, v in scored.items()}
+        arrays = dict(a=a_model, a_unguided=a_plain, a_data=self.a_data, omega0=self.omega0,
+                      omega_final=scored["model"]["frames"][:, -1],
+                      energy_final={k: v["energy"] for k, v in scored.items()}["model"])
+        curves = {k: self.ns.kinetic_energy(v["frames"][0]) for k, v in scored.items()}  # energy over the frames
+        return metric, cost, arrays, curves
+
+
+def control_task(cfg, dataset):
+    from trainer.config import is_burgers
+
+    return BurgersTask(dataset, cfg) if is_burgers(cfg) else FlowTask(dataset, cfg)
 
 
 def control(checkpoint: str, *, prior: str | None = None, gamma: float = 1.0, objective: str | None = None,
@@ -150,7 +238,7 @@ def control(checkpoint: str, *, prior: str | None = None, gamma: float = 1.0, ob
     """Solve, re-simulate and score the control problems (see the module doc); returns the report. Every
     check runs before any sampling; a user error raises an EddyError naming the flag."""
     from trainer.build import build_dataset
-    from trainer.data import burgers
+    from trainer.config import is_flow_control
 
     if num_problems < 1 or batch_size < 1:
         raise ConfigError(f"--num_problems and --batch_size must be at least 1, got {num_problems} and {batch_size}.")
@@ -165,6 +253,9 @@ def control(checkpoint: str, *, prior: str | None = None, gamma: float = 1.0, ob
     cfg, run_dir, ckpt_dir, diffusion = load_model(checkpoint, weights=weights, device=dev, results_path=results_path,
                                                    what="CHECKPOINT")
     data = cfg.data
+    if prior is not None and is_flow_control(cfg):
+        raise ConfigError("--prior: the fluid control data have no prior model of the control alone; drop --prior "
+                          "and --gamma.")
     if data.burgers_part != "joint":
         raise ConfigError(f"CHECKPOINT {checkpoint} generates the control alone (--burgers_part control): pass the "
                           f"joint model, and this one as --prior.")
@@ -194,15 +285,16 @@ def control(checkpoint: str, *, prior: str | None = None, gamma: float = 1.0, ob
 
     dataset = build_dataset(cfg, split="test", progress=progress)
     if num_problems > len(dataset):
+        flag = "--num_test_trajectories" if is_flow_control(cfg) else "--burgers_test_trajectories"
         raise ConfigError(f"--num_problems {num_problems}: the test split holds {len(dataset)} problems "
-                          f"(--burgers_test_trajectories of the run).")
-    u0, u_target, f_data = dataset.problems(range(num_problems))
-    x_known = dataset.x_known(u0, u_target).float().to(dev)
+                          f"({flag} of the run).")
+    task = control_task(cfg, dataset)
+    x_known = task.problems(num_problems).float().to(dev)
 
     guidance = None
     if guidance_scale > 0:
         if objective is None:
-            J = final_state_objective(dataset, energy_weight)
+            J = task.objective(energy_weight)
         else:
             try:
                 J = load_objective(objective)
@@ -221,8 +313,7 @@ def control(checkpoint: str, *, prior: str | None = None, gamma: float = 1.0, ob
     label = f"{sampler}_{steps}" + (f"_guided{guidance_scale:g}" if guidance else "") + \
         (f"_gamma{gamma:g}" if the_prior and gamma != 1 else "")
     out_dir = output_folder(out, run_dir, label, kind="control")
-    say(f"solving {num_problems} Burgers control problems (observe {data.burgers_observe}, control "
-        f"{data.burgers_control}) with {ckpt_dir} on {dev}: {sampler.upper()} {steps} steps"
+    say(f"solving {num_problems} {task.describe()} with {ckpt_dir} on {dev}: {sampler.upper()} {steps} steps"
         + (f", guidance {guidance_scale:g} ({guidance_schedule})" if guidance else "")
         + (f", prior {prior} gamma {gamma:g}" if the_prior else ""))
 
@@ -240,33 +331,26 @@ def control(checkpoint: str, *, prior: str | None = None, gamma: float = 1.0, ob
         generated["steered"] = generated["unguided"]
     seconds = time.perf_counter() - t0
 
-    f_model = dataset.unpack(torch.cat(generated["steered"]))[1]
-    f_plain = dataset.unpack(torch.cat(generated["unguided"]))[1]
-    settings = dict(observe=data.burgers_observe, control=data.burgers_control)
-    scored = burgers.score(u0, f_model, u_target, f_data=f_data, **settings)
-    plain = burgers.score(u0, f_plain, u_target, **settings)
-    per_problem = {"model": scored["J"], "unguided": plain["J"], "data controls": scored["J_data"],
-                   "no control": scored["J_zero"]}
-    energy = {"model": scored["energy"], "unguided": plain["energy"], "data controls": scored["energy_data"],
-              "no control": torch.zeros_like(scored["energy"])}
+    per_problem, cost, arrays, curves = task.score(torch.cat(generated["steered"]), torch.cat(generated["unguided"]),
+                                                   energy_weight)
     report = {
         "checkpoint": str(ckpt_dir), "prior": prior, "step": json.loads((ckpt_dir / "state.json").read_text())["step"],
-        "settings": {**settings, "num_problems": num_problems, "sampler": sampler, "sampling_timesteps": steps,
+        "task": task.describe(), "metric": task.metric, "cost": task.cost,
+        "settings": {**task.settings, "num_problems": num_problems, "sampler": sampler, "sampling_timesteps": steps,
                      "eta": eta, "seed": seed, "weights": weights, "guidance_scale": guidance_scale,
-                     "guidance_schedule": guidance_schedule, "objective": objective or "final state + energy",
+                     "guidance_schedule": guidance_schedule, "objective": objective or "built-in",
                      "energy_weight": energy_weight, "gamma": gamma, "batch_size": batch_size},
         "J_actual": {k: _stats(v) for k, v in per_problem.items()},
-        "energy": {k: _stats(v) for k, v in energy.items()},
+        "control_cost": {k: _stats(v) for k, v in cost.items()},
         "per_problem": {k: v.tolist() for k, v in per_problem.items()},
         "seconds_sampling": seconds,
-        "reference": ANCHORS.get((data.burgers_observe, data.burgers_control)), "reference_note": ANCHOR_NOTE,
+        "reference": task.reference, "reference_note": task.reference_note,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    np.savez_compressed(out_dir / "controls.npz", f=f_model.numpy(), u=scored["u"].numpy(), f_unguided=f_plain.numpy(),
-                        u0=u0.numpy(), u_target=u_target.numpy(), f_data=f_data.numpy(),
+    np.savez_compressed(out_dir / "controls.npz", **{k: v.numpy() for k, v in arrays.items()},
                         **{f"J_{k.replace(' ', '_')}": v.numpy() for k, v in per_problem.items()})
-    plot_report(report, scored["u"], plain["u"], u_target, out_dir / "report.png")
+    plot_report(report, curves, out_dir / "report.png")
     report["out"] = str(out_dir)
     return report
 
@@ -277,10 +361,9 @@ def _stats(v: torch.Tensor) -> dict[str, float]:
             "mean_finite": float(finite.mean()) if len(finite) else float("nan")}
 
 
-def plot_report(report: dict[str, Any], u_model: torch.Tensor, u_plain: torch.Tensor, u_target: torch.Tensor,
-                path: Path) -> Path:
-    """J_actual per method (log scale), and problem 0's final state under the model's and the unguided
-    controls against the target."""
+def plot_report(report: dict[str, Any], curves: dict[str, torch.Tensor], path: Path) -> Path:
+    """J_actual per method (log scale), and problem 0 re-simulated: its final state against the target
+    (Burgers), or its kinetic energy over the frames under each control (fluid)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -292,14 +375,17 @@ def plot_report(report: dict[str, Any], u_model: torch.Tensor, u_plain: torch.Te
     left.bar(names, values, color=["tab:blue", "tab:cyan", "tab:gray", "tab:red"])
     for name, value in (report["reference"] or {}).items():
         left.axhline(value, ls="--", lw=0.8, color="k" if name == "DiffPhyCon" else "0.7")
-    left.set(yscale="log", ylabel="J_actual (mean over problems)", title="re-simulated final-state error")
+    left.set(yscale="log", ylabel=f"{report['metric']} (mean over problems)", title="re-simulated by the solver")
     left.tick_params(axis="x", labelrotation=15)
-    x = np.arange(1, u_target.shape[-1] + 1) / (u_target.shape[-1] + 1)
-    right.plot(x, u_target[0], "k", lw=2, label="target")
-    right.plot(x, u_model[0, -1], label="model control")
-    right.plot(x, u_plain[0, -1], "--", label="unguided")
-    right.plot(x, u_model[0, 0], ":", color="0.5", label="initial state")
-    right.set(xlabel="x", ylabel="u(T)", title="problem 0: u(T) re-simulated")
+    if "target" in curves:
+        x = np.arange(1, len(curves["target"]) + 1) / (len(curves["target"]) + 1)
+        for label, y in curves.items():
+            right.plot(x, y, **({"color": "k", "lw": 2} if label == "target" else {}), label=label)
+        right.set(xlabel="x", ylabel="u", title="problem 0: u(T) re-simulated")
+    else:
+        for label, y in curves.items():
+            right.plot(np.arange(len(y)), y, marker=".", label=label)
+        right.set(xlabel="frame", ylabel="kinetic energy", title="problem 0 re-simulated")
     right.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
@@ -309,12 +395,12 @@ def plot_report(report: dict[str, Any], u_model: torch.Tensor, u_plain: torch.Te
 
 def summary_table(report: dict[str, Any]) -> str:
     s = report["settings"]
-    lines = [f"Burgers control, observe {s['observe']}, control {s['control']}, {s['num_problems']} problems "
-             f"({s['sampler']} {s['sampling_timesteps']} steps; guidance {s['guidance_scale']:g}, gamma {s['gamma']:g})",
-             f"{'method':<15} {'J_actual mean':>14} {'median':>10} {'energy mean':>12}"]
+    lines = [f"{report['task']}, {s['num_problems']} problems ({s['sampler']} {s['sampling_timesteps']} steps; "
+             f"guidance {s['guidance_scale']:g}, gamma {s['gamma']:g})",
+             f"{'method':<15} {report['metric'] + ' mean':>14} {'median':>10} {'cost mean':>12}   cost: {report['cost']}"]
     for name, stats in report["J_actual"].items():
         lines.append(f"{name:<15} {stats['mean']:>14.5f} {stats['median']:>10.5f} "
-                     f"{report['energy'][name]['mean']:>12.2f}")
+                     f"{report['control_cost'][name]['mean']:>12.4g}")
     if report["reference"]:
         lines.append("reference: " + ", ".join(f"{k} {v}" for k, v in report["reference"].items()))
         lines.append(report["reference_note"])
