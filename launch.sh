@@ -16,7 +16,7 @@ PY="$VENV/bin/python"
 
 # What each command imports: training, sampling and evaluation need Eddy's own dependencies; the tests
 # also need the dev extra (pytest, TensorBoard, DeepSpeed).
-RUNTIME="accelerate, einops, ema_pytorch, wandb, datasets, safetensors, yaml, matplotlib, models, trainer"
+RUNTIME="accelerate, einops, ema_pytorch, wandb, datasets, safetensors, yaml, matplotlib, torchmetrics, models, trainer"
 DEV="$RUNTIME, pytest, tensorboard, deepspeed"
 
 setup() {  # [dev]: install what the command needs, once
