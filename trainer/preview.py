@@ -30,6 +30,8 @@ MAX_PREVIEW = 64
 class Preview:
     def __init__(self, accelerator: Accelerator, diffusion: GaussianDiffusion, dataset: EddyData, run_dir: Path,
                  seed: int):
+        if getattr(dataset, "streaming", False):  # a stream has no index: draw from its first items, held
+            dataset = dataset.head(MAX_PREVIEW, seed)
         self.accelerator, self.diffusion, self.dataset, self.seed = accelerator, diffusion, dataset, seed
         self.folder = run_dir / "samples"
         g = torch.Generator().manual_seed(mix_seed(seed, _DRAW))
