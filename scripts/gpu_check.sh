@@ -5,14 +5,28 @@
 #
 # 0. The packages the machine lacks travel as wheels in .whl/ (ignored by git; carried with the tree) and
 #    are installed into /tmp/site; launch.sh gets a stand-in environment if the Python has no bin/accelerate.
+#    The benchmark's peers (step 2) need, besides the tests' wheels, one wheel each of (pure Python, one version
+#    of each in .whl/: two stop the install):
+#      denoising-diffusion-pytorch, ema-pytorch, pytorch-fid   lucidrains' Unet, GaussianDiffusion and Trainer
+#      video-diffusion-pytorch, einops-exts, rotary-embedding-torch   its Unet3D
+#      diffusers, importlib-metadata==8.7.0 (needs only zipp)  UNet2DModel and its schedulers
+#    fetched here with
+#      python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#          --platform manylinux_2_17_x86_64 -d .whl denoising-diffusion-pytorch ema-pytorch pytorch-fid \
+#          video-diffusion-pytorch einops-exts rotary-embedding-torch diffusers importlib-metadata==8.7.0
+#    The machine's own torch, torchvision (lucidrains' Trainer and pytorch-fid import it; never carry another, it
+#    must match torch), accelerate, einops, scipy, pillow, tqdm, huggingface-hub (diffusers wants >= 1.32),
+#    safetensors, regex, requests and filelock serve them. A peer that cannot be imported is skipped with a note.
 # 1. The GPU tier, python -m pytest -m gpu tests/gpu (tests/gpu/conftest.py prints the environment report).
-# 2. benchmarks/train_step.py --compile (Eddy against lucidrains), in what is left of the budget.
+# 2. benchmarks/train_step.py --suite: every configuration of BENCHMARKS.md for Eddy and the peers, most important
+#    rows first, within what is left of the budget (at most GPU_CHECK_BENCH_SECONDS).
 # Output in $OUT (else /tmp/gpu_check): gpu_check.log (everything printed), tests.xml (JUnit), bench.json,
 # full_metrics.jsonl and full_samples.png (from the ./launch.sh test). A failing step does not stop the next.
 #
 # Environment:
 #   GPU_CHECK_CPU=1        dry run on the CPU: the tier with EDDY_GPU_TESTS_ON_CPU=1 (tiny sizes), no wheel
-#                          install, the benchmark's CPU mode
+#                          install, the benchmark suite's CPU mode (--device cpu --tiny)
+#   GPU_CHECK_BENCH_SECONDS  the benchmark suite's --budget_s at most (default 280; with GPU_CHECK_CPU=1, 60)
 #   GPU_CHECK_BUDGET       seconds for the whole script (default 540); the tests get at most GPU_CHECK_TEST_SECONDS
 #                          (default 420) of it
 #   GPU_CHECK_PYTHON       the Python (default python3; with GPU_CHECK_CPU=1, .venv/bin/python)
@@ -149,23 +163,29 @@ if [ -n "$run" ]; then
 fi
 
 # ----------------------------------------------------------------------------------------------
-# 2. The benchmark: Eddy against lucidrains (training step, sampling), then torch.compile last. Its JSON
-# is rewritten after every row, so a timeout during the compile keeps the eager numbers.
+# 2. The benchmark suite: Eddy against lucidrains, video-diffusion-pytorch and diffusers (training steps eager,
+# compiled and captured, the Trainer end to end, sampling). It keeps to its --budget_s by itself (skipping the
+# rows that would overrun, stopping one still running at the end) and prints its tables last; its JSON is
+# rewritten after every row, so even the outer timeout keeps what was measured.
 
 if [ "$CPU_MODE" = 1 ]; then
-    BENCH_FLAGS=(--device cpu --tiny --sample_steps 2)
+    BENCH_FLAGS=(--device cpu --tiny --suite)
+    BENCH_MAX=${GPU_CHECK_BENCH_SECONDS:-60}
 else
-    BENCH_FLAGS=(--compile)
+    BENCH_FLAGS=(--suite)
+    BENCH_MAX=${GPU_CHECK_BENCH_SECONDS:-280}
 fi
 t=$(left)
 if ((t < 60)); then
     result bench SKIP "${t}s left in the budget"
 else
-    say "2. python benchmarks/train_step.py ${BENCH_FLAGS[*]} --json $OUTDIR/bench.json (at most ${t}s)"
-    timeout -k 15 "$t" "$PY" benchmarks/train_step.py "${BENCH_FLAGS[@]}" --json "$OUTDIR/bench.json"
+    b=$((t - 30))
+    ((b > BENCH_MAX)) && b=$BENCH_MAX
+    say "2. python benchmarks/train_step.py ${BENCH_FLAGS[*]} --budget_s $b --json $OUTDIR/bench.json (at most ${t}s)"
+    timeout -k 15 "$t" "$PY" benchmarks/train_step.py "${BENCH_FLAGS[@]}" --budget_s "$b" --json "$OUTDIR/bench.json"
     rc=$?
-    if ((rc == 0)); then result bench PASS "rows in bench.json"
-    elif [ -f "$OUTDIR/bench.json" ]; then result bench FAIL "exit status $rc (124: timed out, likely in the compile); the rows measured are in bench.json"
+    if ((rc == 0)); then result bench PASS "rows in bench.json (skipped rows: see its notes)"
+    elif [ -f "$OUTDIR/bench.json" ]; then result bench FAIL "exit status $rc (124: timed out); the rows measured are in bench.json"
     else result bench FAIL "exit status $rc, no bench.json"; fi
 fi
 
