@@ -183,6 +183,7 @@ class ZeroStrategy(Strategy):
     EMA and checkpoints read the masters, gathered into an fp32 copy of the network."""
 
     name = "zero"
+    channels_last_weights = False  # the engine broadcasts its parameters as flat bytes: contiguous ones only
 
     def __init__(self, accelerator, cfg: Config, plan: ZeroPlan):
         super().__init__(accelerator, cfg)
