@@ -834,15 +834,21 @@ def pct(fraction: float | None) -> str:
     return "-" if fraction is None else f"{100 * fraction:.1f}%"
 
 
+def not_measured(r: dict[str, Any]) -> str:
+    """Why a row has no numbers ("failed: ...", "skipped: ..."), or "" for a measured row."""
+    if "error" in r:
+        return f"failed: {r['error'][:90]}"
+    return f"skipped: {r['skipped'][:90]}" if "skipped" in r else ""
+
+
 def training_table(rows: list[dict[str, Any]]) -> list[str]:
     lines = ["| config | model (params) | mode | precision | step ms median [min-max] | samples/s | GFLOP/sample | "
              "MFU datasheet / measured | peak GiB | compile s | gate |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         head = f"| {r.get('config', '-')} | {r['model']}"
-        if "error" in r or "skipped" in r:
-            what = f"failed: {r['error'][:90]}" if "error" in r else f"skipped: {r['skipped'][:90]}"
-            lines.append(f"{head} | {r['mode']} | {r.get('precision', '-')} | {what} | | | | | | |")
+        if not_measured(r):
+            lines.append(f"{head} | {r['mode']} | {r.get('precision', '-')} | {not_measured(r)} | | | | | | |")
             continue
         params = f" ({r['params_m']:.1f}M)" if r.get("params_m") else ""
         compile_s = r.get("compile_s")
@@ -865,9 +871,8 @@ def sampling_table(rows: list[dict[str, Any]]) -> list[str]:
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         head = f"| {r['model']} | {r.get('sampler', '-')} | {r.get('steps', '-')} | {r.get('mode', '-')}"
-        if "error" in r or "skipped" in r:
-            what = f"failed: {r['error'][:90]}" if "error" in r else f"skipped: {r['skipped'][:90]}"
-            lines.append(f"{head} | {r.get('precision', '-')} | {what} | | | |")
+        if not_measured(r):
+            lines.append(f"{head} | {r.get('precision', '-')} | {not_measured(r)} | | | |")
             continue
         err = "-"
         if r.get("rms_vs_ref_fp32") is not None:
