@@ -20,6 +20,8 @@ from models.layers import (
     default,
     divisible_by,
     exists,
+    standardize_weight,
+    unit_norm,
 )
 
 SMALL = dict(attn_heads=2, attn_dim_head=8)
@@ -220,6 +222,52 @@ def test_weight_standardized_conv(dtype, eps):
     w_std = (flat - flat.mean(1, keepdim=True)) / (flat.var(1, unbiased=False, keepdim=True) + eps).sqrt()
     expected = F.conv2d(x, w_std.reshape_as(w), conv.bias, padding=1)
     assert torch.allclose(conv(x), expected, atol=1e-5)
+
+
+def _reference_standardize(w, eps):
+    dims = tuple(range(1, w.ndim))
+    return (w - w.mean(dims, keepdim=True)) / (w.var(dims, correction=0, keepdim=True) + eps).sqrt()
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 3, 3), (5, 2, 3, 3, 3), (6, 7, 1, 1)])
+def test_standardize_weight_values_and_gradient_match_autograd_of_the_formula(shape):
+    """The closed-form backward of the weight standardization equals autograd through mean and var."""
+    torch.manual_seed(0)
+    w = (torch.randn(shape, dtype=torch.float64) * 3 + 1).requires_grad_()
+    g = torch.randn(shape, dtype=torch.float64)
+    out = standardize_weight(w, 1e-3)
+    expected = _reference_standardize(w, 1e-3)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+    (grad,) = torch.autograd.grad(out, w, g)
+    (expected_grad,) = torch.autograd.grad(expected, w, g)
+    torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda v: standardize_weight(v, 1e-3), (w,))
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 4, 4), (2, 6, 3, 4, 4), (4, 8)])
+def test_unit_norm_matches_normalize_values_and_gradient(shape):
+    torch.manual_seed(0)
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(shape, dtype=torch.float64)
+    out, expected = unit_norm(x), F.normalize(x, dim=1)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(torch.autograd.grad(out, x, g)[0], torch.autograd.grad(expected, x, g)[0],
+                               rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(unit_norm, (x,))
+
+
+def test_unit_norm_zero_vectors_and_low_precision():
+    x = torch.zeros(2, 4, 3, 3, requires_grad=True)
+    out = unit_norm(x)
+    (grad,) = torch.autograd.grad(out.sum(), x)
+    assert torch.equal(out, torch.zeros_like(out)) and torch.isfinite(grad).all()
+    # Channels of 300 square to 90,000, past fp16's range: the norm is taken in fp32 and the output keeps fp16.
+    big = torch.full((1, 4, 2, 2), 300.0, dtype=torch.float16, requires_grad=True)
+    out = unit_norm(big)
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out.float(), torch.full((1, 4, 2, 2), 0.5))
+    (grad,) = torch.autograd.grad(out.float().sum(), big)
+    assert grad.dtype == torch.float16 and torch.isfinite(grad).all()
 
 
 def test_resnet_block_shapes_and_time_modulation():
