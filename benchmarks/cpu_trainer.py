@@ -51,7 +51,8 @@ The two configs, matched to the peer's defaults where Eddy's tiny preset differs
 | optimizer | `--lr 1e-4 --lr_warmup_steps 0 --adam_betas 0.9 0.99 --max_grad_norm 1` (AdamW, weight decay 0) | `train_lr=1e-4, adam_betas=(0.9, 0.99), max_grad_norm=1.0` (Adam) |
 | EMA | `--ema_decay 0.995 --ema_update_every 10 --ema_update_after_step 100` | `ema_decay=0.995, ema_update_every=10` (ema-pytorch's update_after_step 100) |
 | saving | `--save_and_sample_every S+1 --num_samples 0`: one checkpoint at the last step, no samples | `save_and_sample_every=S+1`, then `save("final")`: one checkpoint, no samples |
-| other | `--mixed_precision no --report_to none --preset tiny` | `amp=False, calculate_fid=False`, no tracker |
+| precision | `--mixed_precision no` (`bf16` with --precision bf16) | `amp=False` (`amp=True, mixed_precision_type="bf16"`) |
+| other | `--report_to none --preset tiny` | `calculate_fid=False`, no tracker |
 
 --eddy_flags appends flags to Eddy's command line (the last value of a flag wins). --eddy_ref REF
 runs the committed tree REF (exported with `git archive` into a temp folder) instead of the working
@@ -101,6 +102,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="data folder: used as it is when it holds PNGs, else written "
                         "(default: eddy-cpu-trainer-N-seedK in the system's temp dir).")
     p.add_argument("--json", type=Path, default=None, help="write the runs and the summary here as JSON.")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                   help="both programs: fp32, or bf16 autocast (Eddy --mixed_precision bf16; lucidrains amp=True, "
+                        "mixed_precision_type='bf16'); bf16 pays on CPUs with AMX.")
     p.add_argument("--eddy_flags", default="", help='extra flags for Eddy, e.g. "--channels_last true".')
     p.add_argument("--eddy_ref", default=None,
                    help="a git commit or branch of this repository to run instead of the working tree.")
@@ -306,7 +310,7 @@ def eddy_command(args: argparse.Namespace, root: Path, folder: Path, results: Pa
              "--ema_decay", str(EMA_DECAY), "--ema_update_every", str(EMA_EVERY),
              "--ema_update_after_step", str(EMA_AFTER), "--random_flip", "true",
              "--save_and_sample_every", str(s + 1), "--num_samples", "0", "--log_every", str(args.log_every),
-             "--mixed_precision", "no", "--report_to", "none", "--results_path", str(results),
+             "--mixed_precision", "no" if args.precision == "fp32" else "bf16", "--report_to", "none", "--results_path", str(results),
              "--run_name", "eddy", "--seed", str(args.seed)]
     return [args.python, str(root / "trainer" / "train.py"), *flags, *shlex.split(args.eddy_flags)]
 
@@ -355,6 +359,7 @@ def peer_main(argv: list[str]) -> int:
     p.add_argument("--steps", type=int, required=True)
     p.add_argument("--results", required=True, help="the Trainer's results_folder (its parent must exist).")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     a = p.parse_args(argv)
 
     import torch
@@ -369,7 +374,8 @@ def peer_main(argv: list[str]) -> int:
     trainer = Trainer(diffusion, a.folder, train_batch_size=BATCH, gradient_accumulate_every=1,
                       augment_horizontal_flip=True, train_lr=LR, train_num_steps=a.steps, ema_update_every=EMA_EVERY,
                       ema_decay=EMA_DECAY, adam_betas=ADAM_BETAS, save_and_sample_every=a.steps + 1,
-                      results_folder=a.results, amp=False, calculate_fid=False, max_grad_norm=MAX_GRAD_NORM)
+                      results_folder=a.results, amp=a.precision == "bf16", mixed_precision_type="bf16",
+                      calculate_fid=False, max_grad_norm=MAX_GRAD_NORM)
     stamps: list[float] = []
     update = trainer.ema.update
 
@@ -393,7 +399,7 @@ def peer_main(argv: list[str]) -> int:
 def run_peer(args: argparse.Namespace, folder: Path, work: Path) -> dict[str, Any]:
     results = work / "peer_results"
     cmd = [args.python, str(Path(__file__).resolve()), "peer", "--folder", str(folder), "--steps", str(args.steps),
-           "--results", str(results), "--seed", str(args.seed)]
+           "--results", str(results), "--seed", str(args.seed), "--precision", args.precision]
     r = run_timed(cmd, base_env(args), work, work / "peer.log", args.timeout)
     row = {"program": "lucidrains", "wall_s": r["wall_s"], "cpu_s": r["cpu_s"],
            "others_cpu_share": r["others_cpu_share"], "returncode": r["returncode"],
@@ -489,7 +495,7 @@ def git_state(ref: str | None) -> dict[str, Any]:
 
 def environment(args: argparse.Namespace) -> dict[str, Any]:
     return {"python": platform.python_version(), "interpreter": args.python, "cpu_count": os.cpu_count(),
-            "cpu": platform.processor() or platform.machine(), "threads": args.threads,
+            "cpu": platform.processor() or platform.machine(), "threads": args.threads, "precision": args.precision,
             **package_versions(args.python), "eddy": git_state(args.eddy_ref)}
 
 
