@@ -159,6 +159,17 @@ def test_wandb_without_a_key_goes_offline_and_says_how_to_sync(tmp_path):
     assert len(list(tmp_path.glob("*/wandb/offline-run-*"))) == 1
 
 
+@pytest.mark.parametrize("argv, needle", [
+    (("--wandb_checkpoints", "all", "--report_to", "none"), "--wandb_checkpoints all uploads checkpoints to W&B, but "
+                                                            "--report_to is none"),
+    (("--wandb_checkpoints", "best", "--report_to", "wandb"), "this run evaluates nothing. Add --fid_every N"),
+])
+def test_wandb_checkpoint_uploads_that_cannot_happen_are_refused(capsys, tmp_path, argv, needle):
+    code, err = run_main(capsys, *TINY, "--results_path", str(tmp_path), *argv)
+    assert code == 2 and needle in err
+    assert not list(tmp_path.rglob("*.safetensors"))
+
+
 def test_multi_gpu_without_gpus_is_refused_not_run_twice(tmp_path):
     """`--multi_gpu` on a CPU machine without ACCELERATE_USE_CPU starts independent world-size-1 runs."""
     result = accelerate_launch("trainer/train.py", *TINY, "--results_path", str(tmp_path),

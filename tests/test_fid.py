@@ -88,7 +88,7 @@ def test_the_data_features_are_computed_once_and_cached(standin, tmp_path, monke
 def test_a_run_logs_fid_and_keeps_the_best_checkpoint(standin, tmp_path, one_thread):
     run_dir = train(tmp_path, "--train_num_steps", "4", "--save_and_sample_every", "2", "--num_samples", "0",
                     "--checkpoints_total_limit", "2", "--fid_every", "2", "--fid_weights", standin,
-                    "--fid_num_samples", "8")
+                    "--fid_num_samples", "8", "--report_to", "wandb", "--wandb_checkpoints", "best")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "eval/fid" in r]
     assert [r["step"] for r in rows] == [2, 4]
@@ -97,6 +97,14 @@ def test_a_run_logs_fid_and_keeps_the_best_checkpoint(standin, tmp_path, one_thr
     state = json.loads((run_dir / "checkpoints" / "best" / "state.json").read_text())
     assert state["step"] == best_step and state["best_metric"] == pytest.approx(best)
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best", "step-00000002", "step-00000004"]
+    # --wandb_checkpoints best: each new best went to W&B, aliased best, and nothing else did.
+    from wandb_records import artifacts
+
+    improved = [r["step"] for i, r in enumerate(rows) if all(r["eval/fid"] < q["eval/fid"] for q in rows[:i])]
+    logged = artifacts(run_dir)
+    # W&B adds the alias latest to the newest version by itself.
+    assert [sorted(a["aliases"]) for a in logged] == [["best", "latest", f"step-{step}"] for step in improved]
+    assert all(json.loads(a["metadata"])["checkpoint"] == "best" for a in logged)
 
 
 def test_without_weights_the_run_says_so_once_and_finishes(tmp_path, monkeypatch, capsys, one_thread):

@@ -89,6 +89,38 @@ def test_run_folder_holds_checkpoint_grids_config_and_wandb_run(tmp_path):
     assert state["step"] == 6 and state["images_seen"] == 24
 
 
+def test_wandb_checkpoints_all_uploads_every_committed_checkpoint_as_a_model_artifact(tmp_path):
+    """Offline, the artifact records wait in the run file for `wandb sync`; a resume adds versions to the same
+    artifact of the same W&B run."""
+    from wandb_records import artifacts
+
+    run_dir = train(tmp_path, "--train_num_steps", "4", "--save_and_sample_every", "2", "--num_samples", "0",
+                    "--report_to", "wandb", "--wandb_checkpoints", "all")
+    train(tmp_path, "--resume", str(run_dir), "--train_num_steps", "6", "--report_to", "wandb")
+    run_id = json.loads((list_checkpoints(run_dir)[-1] / "state.json").read_text())["tracker_run_id"]
+    logged = artifacts(run_dir)
+    assert [sorted(a["aliases"]) for a in logged] == [["latest", "step-2"], ["latest", "step-4"], ["latest", "step-6"]]
+    assert {a["name"] for a in logged} == {f"model-{run_id}"} and {a["type"] for a in logged} == {"model"}
+    on_disk = sorted(p.name for p in list_checkpoints(run_dir)[-1].iterdir())
+    assert all(a["files"] == on_disk for a in logged) and "model.safetensors" in on_disk
+    assert [json.loads(a["metadata"])["step"] for a in logged] == [2, 4, 6]
+
+
+def test_a_failing_upload_after_a_save_keeps_the_checkpoint(tmp_path):
+    from trainer.checkpoint import CheckpointManager
+    from test_checkpoint import make_ckpt
+
+    said = []
+
+    def upload(folder, step, best):
+        raise ConnectionError("W&B unreachable")
+
+    manager = CheckpointManager(tmp_path, 2, is_main=True, say=said.append, after_commit=upload)
+    assert manager.save(3, make_ckpt(3))
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000003"]
+    assert len(said) == 1 and "saved in" in said[0] and "ConnectionError: W&B unreachable" in said[0]
+
+
 def test_tensorboard_run_holds_the_scalars_and_sample_grids_in_the_run_folder(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

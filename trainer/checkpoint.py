@@ -289,9 +289,13 @@ class CheckpointManager:
     """
 
     def __init__(self, run_dir: Path, keep: int, *, is_main: bool, say: Callable[[str], None] = print,
-                 before_commit: Callable[[int], Callable[[], None] | None] | None = None):
+                 before_commit: Callable[[int], Callable[[], None] | None] | None = None,
+                 after_commit: Callable[[Path, int, bool], None] | None = None):
         self.run_dir, self.keep, self.is_main, self.say = run_dir, keep, is_main, say
         self.before_commit = before_commit or (lambda step: None)
+        # Called on the main process with (folder, step, best) once a checkpoint is committed (an upload, say);
+        # its failure is reported and never undoes the save.
+        self.after_commit = after_commit
 
     def save(self, step: int, ckpt: Checkpoint | None, *, best: bool = False) -> bool:
         """Commit `ckpt` (the main process's; None on the others) as the checkpoint of `step`, or with `best`
@@ -314,6 +318,13 @@ class CheckpointManager:
         failure = main_decides(write, self.is_main)
         if failure is not None:
             self.say(f"WARNING: {failure}")
+        elif self.is_main and self.after_commit is not None:
+            folder = self.run_dir / "checkpoints" / (BEST if best else step_dir_name(step))
+            try:
+                self.after_commit(folder, step, best)
+            except Exception as e:  # noqa: BLE001 - the checkpoint is safe on disk whatever the hook does
+                self.say(f"WARNING: the checkpoint of step {step} is saved in {folder}, but what follows a save "
+                         f"failed: {type(e).__name__}: {e}")
         return failure is None
 
     def latest_good(self) -> tuple[Path, Checkpoint] | None:

@@ -209,6 +209,11 @@ class RunConfig:
     report_to: str = _field("wandb", "Experiment tracker. W&B goes offline by itself when no API key is set.",
                             choices=REPORT_TO)
     wandb_project: str = _field("eddy", "W&B project name.")
+    wandb_checkpoints: str = _field("none", "Upload checkpoints to W&B as versions of the model artifact "
+                                    "model-<run id>: none; best (checkpoints/best each time the evaluation metric "
+                                    "improves, alias best); all (every checkpoint saved, aliases latest and step-N, "
+                                    "and best). Offline runs keep them for `wandb sync`.",
+                                    choices=("none", "best", "all"))
     preset: str = _field("auto", "Size preset: tiny (CPU minutes), full (GPU), auto (full if a GPU is present).",
                          choices=PRESETS)
 
@@ -254,7 +259,7 @@ PRESET_VALUES = {
 # without being reported as a difference.
 RESUME_FREE = {"resume", "run_name", "results_path", "train_num_steps", "save_and_sample_every", "eval_every",
                "eval_trajectories", "fid_every", "fid_num_samples", "fid_weights", "sampling_spacing",
-               "num_samples", "log_every", "report_to", "wandb_project", "num_workers",
+               "num_samples", "log_every", "report_to", "wandb_project", "wandb_checkpoints", "num_workers",
                "checkpoints_total_limit", "preset", "max_nonfinite_steps", "max_rollbacks", "compile", "compile_mode",
                "compile_backend", "channels_last", "grad_checkpointing"}
 # Fields that a simulation's data decides (trainer/build.py, fit_config_to_data).
@@ -380,6 +385,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"--adam_betas needs two numbers in [0, 1), got {list(t.adam_betas)}.")
     if t.lr_schedule == "step" and list(t.lr_decay_steps) != sorted(t.lr_decay_steps):
         raise ConfigError(f"--lr_decay_steps must be increasing, got {list(t.lr_decay_steps)}.")
+    if r.wandb_checkpoints != "none" and r.report_to != "wandb":
+        raise ConfigError(f"--wandb_checkpoints {r.wandb_checkpoints} uploads checkpoints to W&B, but --report_to is "
+                          f"{r.report_to}. Use --report_to wandb, or drop --wandb_checkpoints.")
+    if r.wandb_checkpoints == "best" and not (t.eval_every or t.fid_every):
+        raise ConfigError("--wandb_checkpoints best uploads the best checkpoint by the evaluation metric, and this run "
+                          "evaluates nothing. Add --fid_every N (images) or --eval_every N (forecasts), or use "
+                          "--wandb_checkpoints all.")
     if r.report_to == "tensorboard":
         try:
             import tensorboard  # noqa: F401

@@ -63,6 +63,9 @@ class NullTracker:
     def log_video(self, name: str, gif_path: Path, step: int) -> None:
         pass
 
+    def log_checkpoint(self, folder: Path, step: int, *, best: bool) -> None:
+        pass
+
     def finish(self) -> None:
         pass
 
@@ -131,6 +134,22 @@ class AccelerateTracker(Tracker):
                 gif.seek(gif.n_frames - 1)
                 image = np.asarray(gif.convert("RGB"))
             self.raw.add_image(name, image, global_step=step, dataformats="HWC")
+
+    def log_checkpoint(self, folder: Path, step: int, *, best: bool) -> None:
+        """`folder` as a new version of the W&B artifact `model-<run id>` (type model): aliases `best` and
+        `step-N` for the best checkpoint, else `latest` and `step-N` (W&B also moves `latest` to every new
+        version by itself). The files are copied into W&B's staging
+        area before this returns, so pruning the folder later cannot break the upload (or an offline sync)."""
+        if self.backend != "wandb":
+            return
+        import wandb
+
+        artifact = wandb.Artifact(f"model-{self.raw.id}", type="model",
+                                  description=f"Eddy checkpoint of run {self.run_dir.name}",
+                                  metadata={"step": step, "best": best, "checkpoint": folder.name,
+                                            "run_dir": str(self.run_dir)})
+        artifact.add_dir(str(folder))
+        self.raw.log_artifact(artifact, aliases=["best" if best else "latest", f"step-{step}"])
 
     def finish(self) -> None:
         super().finish()

@@ -211,6 +211,10 @@ def run(args: dict[str, Any]) -> Path:
     run_id = parallel.main_decides(
         lambda: resume_from.state.get("tracker_run_id") if resume_from else uuid.uuid4().hex[:12], main_proc)
     tracker = make_tracker(accelerator, cfg.run.report_to, run_dir, cfg.run.wandb_project, cfg.to_dict(), run_id)
+    upload = cfg.run.wandb_checkpoints
+    if upload != "none":
+        checkpoints.after_commit = lambda folder, step, best: (
+            tracker.log_checkpoint(folder, step, best=best) if best or upload == "all" else None)
     trainer = Trainer(cfg, accelerator, strategy, diffusion, dataset, checkpoints, tracker=tracker,
                       resume_from=resume_from, run_id=run_id, faults=faults, monitor=monitor)
 
