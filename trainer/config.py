@@ -250,7 +250,10 @@ PRESET_VALUES = {
     "tiny": dict(dim=32, dim_mults=(1, 2, 2), attn_heads=2, attn_dim_head=16, image_size=16,
                  batch_size=16, train_num_steps=1000, lr=1e-3, lr_warmup_steps=50,
                  sampling_timesteps=50, save_and_sample_every=250, num_samples=16,
-                 ema_update_after_step=50, ema_decay=0.99, ema_update_every=1, log_every=25, fid_num_samples=256),
+                 ema_update_after_step=50, ema_decay=0.99, ema_update_every=1, log_every=25, fid_num_samples=256,
+                 # Measured on the default job (1000 steps of built-in shapes, 2 CPU cores): the share of sample
+                 # pixels off their image's main colours fell from 0.76 to 0.41 (data 0.13, noise 1.0), 64 samples.
+                 min_snr_loss_weight=True, ddim_eta=1.0),
     "full": dict(dim=64, dim_mults=(1, 2, 4, 8), image_size=32, batch_size=64, train_num_steps=100_000,
                  lr=8e-5, sampling_timesteps=250, save_and_sample_every=1000, num_samples=64),
 }
@@ -294,6 +297,8 @@ def build_config(explicit: dict[str, Any], *, has_gpu: bool) -> Config:
         raise ConfigError(f"--preset {preset!r} is not one of {', '.join(PRESETS)}.")
     resolved = "full" if preset == "auto" and has_gpu else ("tiny" if preset == "auto" else preset)
     values = {**PRESET_VALUES[resolved], **explicit}
+    if "ddim_eta" not in explicit and values.get("sampler", DiffusionConfig.sampler) != "ddim":
+        values.pop("ddim_eta", None)  # a preset's eta is for its DDIM sampling; another --sampler takes none
     per_section: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
     for name, value in values.items():
         section, typ = specs[name]
