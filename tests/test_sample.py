@@ -68,7 +68,8 @@ def test_outputs_have_the_documented_files_shapes_and_dtypes(run_dir, tmp_path):
     info = json.loads((res.out / "info.json").read_text())
     assert info["checkpoint"] == str((run_dir / "checkpoints" / "step-00000004").resolve())
     assert (info["step"], info["seed"], info["weights"]) == (4, 0, "ema")
-    assert (info["sampling_timesteps"], info["eta"], info["sampler"]) == (N_SAMPLING, 0.0, "ddim")
+    # The run's sampling settings: the tiny preset samples with DDIM at eta 1.
+    assert (info["sampling_timesteps"], info["eta"], info["sampler"]) == (N_SAMPLING, 1.0, "ddim")
     assert info["elapsed_s"] >= 0 and info["num_samples"] == 5
     assert (info["kind"], info["conditions"], info["bounded"], info["num_processes"]) == ("images", None, True, 1)
 
@@ -106,9 +107,9 @@ def test_sampler_settings_and_bf16(run_dir, tmp_path):
     ddpm = generate(run_dir, num_samples=2, sampler="ddpm", sampling_timesteps=N_TIMESTEPS, out=tmp_path / "p",
                     **quiet())
     assert ddpm.info["sampler"] == "ddpm" and ddpm.info["sampling_timesteps"] == N_TIMESTEPS
-    noisy = generate(run_dir, num_samples=2, ddim_eta=1.0, out=tmp_path / "n", **quiet())
-    plain = generate(run_dir, num_samples=2, out=tmp_path / "d", **quiet())
-    assert noisy.info["eta"] == 1.0 and not torch.equal(noisy.samples, plain.samples)
+    plain = generate(run_dir, num_samples=2, ddim_eta=0.0, out=tmp_path / "n", **quiet())
+    noisy = generate(run_dir, num_samples=2, out=tmp_path / "d", **quiet())  # the run's eta: 1 (tiny preset)
+    assert (plain.info["eta"], noisy.info["eta"]) == (0.0, 1.0) and not torch.equal(noisy.samples, plain.samples)
     half = generate(run_dir, num_samples=2, bf16=True, out=tmp_path / "h", **quiet())
     assert half.info["bf16"] and torch.isfinite(half.samples).all() and half.samples.dtype == torch.float32
 
