@@ -138,8 +138,8 @@ class AccelerateTracker(Tracker):
     def log_checkpoint(self, folder: Path, step: int, *, best: bool) -> None:
         """`folder` as a new version of the W&B artifact `model-<run id>` (type model): aliases `best` and
         `step-N` for the best checkpoint, else `latest` and `step-N` (W&B also moves `latest` to every new
-        version by itself). The files are copied into W&B's staging
-        area before this returns, so pruning the folder later cannot break the upload (or an offline sync)."""
+        version by itself). The files are copied into W&B's staging area before this returns, so pruning the
+        folder later cannot break the upload (or an offline sync)."""
         if self.backend != "wandb":
             return
         import wandb
