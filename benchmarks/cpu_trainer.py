@@ -310,7 +310,8 @@ def eddy_command(args: argparse.Namespace, root: Path, folder: Path, results: Pa
              "--ema_decay", str(EMA_DECAY), "--ema_update_every", str(EMA_EVERY),
              "--ema_update_after_step", str(EMA_AFTER), "--random_flip", "true",
              "--save_and_sample_every", str(s + 1), "--num_samples", "0", "--log_every", str(args.log_every),
-             "--mixed_precision", "no" if args.precision == "fp32" else "bf16", "--report_to", "none", "--results_path", str(results),
+             "--mixed_precision", "no" if args.precision == "fp32" else "bf16", "--report_to", "none",
+             "--results_path", str(results),
              "--run_name", "eddy", "--seed", str(args.seed)]
     return [args.python, str(root / "trainer" / "train.py"), *flags, *shlex.split(args.eddy_flags)]
 

@@ -202,7 +202,7 @@ class _UnitNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x):
-        wide = x if x.dtype in (torch.float32, torch.float64) else x.float()  # squares of fp16 overflow at 256
+        wide = x.float() if x.dtype == torch.float16 else x  # squares of fp16 overflow at 256; bf16 has fp32's range
         rnorm = wide.square().sum(dim=1, keepdim=True).clamp_min(1e-24).rsqrt()
         out = (wide * rnorm).to(x.dtype)
         ctx.save_for_backward(out, rnorm)
