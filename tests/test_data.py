@@ -104,6 +104,41 @@ def test_shapes_are_structured():
         assert counts.topk(min(4, len(counts))).values.sum() > 0.7 * 32 * 32
 
 
+def test_shapes_count_and_radius_follow_the_options():
+    """max_shapes=1: a background and one shape, so two colours cover all but the antialiased edge; a radius
+    range pins the area a lone circle covers."""
+    ds = ShapesDataset(image_size=32, channels=3, length=64, max_shapes=1, radius=(0.2, 0.35))
+    for i in range(16):
+        colours, counts = torch.unique(ds[i]["x"].reshape(3, -1).T, dim=0, return_counts=True)
+        top = counts.topk(min(3, len(counts))).values
+        assert top[:2].sum() > 0.85 * 32 * 32 and (len(top) < 3 or top[2] < 0.05 * 32 * 32)
+    # The same (seed, index) draws the same layout; only the radius range scales it.
+    small = ShapesDataset(image_size=64, channels=1, length=8, max_shapes=1, radius=(0.1, 0.1))
+    large = ShapesDataset(image_size=64, channels=1, length=8, max_shapes=1, radius=(0.3, 0.3))
+    area = [[(d[i]["x"] != d[i]["x"][0, 0, 0]).float().sum().item() for i in range(8)] for d in (small, large)]
+    assert all(a_large > 4 * a_small for a_small, a_large in zip(*area))
+
+
+@pytest.mark.parametrize("kwargs,flag", [(dict(max_shapes=0), "--max_shapes"), (dict(radius=(0.3, 0.2)), "--shape_radius"),
+                                         (dict(radius=(0.1, 0.6)), "--shape_radius"), (dict(radius=(0.2,)), "--shape_radius")])
+def test_shapes_options_are_checked(kwargs, flag):
+    with pytest.raises(ConfigError, match=flag):
+        ShapesDataset(length=4, **kwargs)
+
+
+def test_the_tiny_preset_draws_one_large_shape_and_full_keeps_three():
+    from trainer.config import build_config
+
+    tiny = build_config({"preset": "tiny"}, has_gpu=False).data
+    full = build_config({"preset": "full"}, has_gpu=True).data
+    assert (tiny.max_shapes, tuple(tiny.shape_radius)) == (1, (0.2, 0.35))
+    assert (full.max_shapes, tuple(full.shape_radius)) == (3, (0.12, 0.3))
+    assert build_config({"preset": "tiny", "max_shapes": 2}, has_gpu=False).data.max_shapes == 2
+    ds = build_image_dataset(dataset="shapes", train_data_dir=None, image_size=16, channels=3, num_builtin=4,
+                             max_shapes=tiny.max_shapes, shape_radius=tiny.shape_radius)
+    assert (ds.max_shapes, ds.radius) == (1, (0.2, 0.35))
+
+
 @pytest.mark.parametrize("channels", [1, 3])
 def test_two_modes_near_templates(channels):
     ds = TwoModesDataset(image_size=8, channels=channels, length=40, seed=0, noise=0.05)

@@ -128,7 +128,8 @@ def build_dataset(cfg: Config, *, split: str | None = None, progress: bool = Tru
     return build_image_dataset(dataset=data.dataset, train_data_dir=data.train_data_dir,
                                image_size=data.image_size, channels=data.channels, split=split,
                                image_column=data.image_column, seed=cfg.train.seed,
-                               random_flip=data.random_flip, progress=progress)
+                               random_flip=data.random_flip, progress=progress, max_shapes=data.max_shapes,
+                               shape_radius=data.shape_radius)
 
 
 def fit_config_to_data(cfg: Config, dataset) -> None:

@@ -33,7 +33,8 @@ DEFAULT_DATASET = "shapes"
 def build_image_dataset(*, dataset: str, train_data_dir: str | None, image_size: int, channels: int,
                         split: str = "train", image_column: str | None = None, seed: int = 0,
                         num_builtin: int = 10000, random_flip: bool = False,
-                        progress: bool = True) -> ImageData:
+                        progress: bool = True, max_shapes: int = 3,
+                        shape_radius: tuple[float, float] = (0.12, 0.3)) -> ImageData:
     """The training images chosen by `--dataset` / `--train_data_dir`.
 
     Args:
@@ -49,16 +50,18 @@ def build_image_dataset(*, dataset: str, train_data_dir: str | None, image_size:
         num_builtin: number of items of a built-in dataset.
         random_flip: whether `augment` mirrors images left-right (`--random_flip`).
         progress: show a progress bar while an image folder is checked.
+        max_shapes, shape_radius: most shapes per image and their radius range (fractions of the side)
+            of the built-in "shapes".
     """
     check_image_shape(image_size, channels)
     dataset = _source(dataset, train_data_dir, image_size, channels, split, image_column, seed, num_builtin,
-                      progress)
+                      progress, dict(max_shapes=max_shapes, radius=tuple(shape_radius)))
     dataset.random_flip = random_flip
     return dataset
 
 
 def _source(dataset, train_data_dir, image_size, channels, split, image_column, seed, num_builtin,
-            progress) -> ImageData:
+            progress, shapes) -> ImageData:
     if train_data_dir is not None:
         if dataset in BUILTIN_DATASETS and dataset != DEFAULT_DATASET:
             raise ConfigError(f"--dataset {dataset} is a built-in dataset but --train_data_dir "
@@ -66,7 +69,7 @@ def _source(dataset, train_data_dir, image_size, channels, split, image_column, 
         return load_image_folder(train_data_dir, image_size=image_size, channels=channels, progress=progress)
 
     if dataset == "shapes":
-        return ShapesDataset(image_size=image_size, channels=channels, length=num_builtin, seed=seed)
+        return ShapesDataset(image_size=image_size, channels=channels, length=num_builtin, seed=seed, **shapes)
     if dataset == "two_modes":
         return TwoModesDataset(image_size=image_size, channels=channels, length=num_builtin, seed=seed)
     assert dataset not in BUILTIN_DATASETS, f"built-in dataset {dataset!r} has no branch here"

@@ -4,8 +4,9 @@ Both are deterministic per index: item i is drawn from a numpy Generator seeded 
 the same index gives the same tensor on every rank, every epoch and after a resume. Items are
 `{"x": float32 [C, H, W] in [-1, 1]}` (trainer/data/base.py).
 
-- `ShapesDataset`: one to three filled circles, squares or triangles on a plain background. Enough
-  structure that a small diffusion model shows within a few CPU minutes whether it learns.
+- `ShapesDataset`: one to three (`max_shapes`) filled circles, squares or triangles on a plain background.
+  Enough structure that a small diffusion model shows within a few CPU minutes whether it learns; one
+  large shape per image (the `tiny` preset's setting) is learned crisply soonest.
 - `TwoModesDataset`: two fixed templates plus a little noise, for tests that check a sampler lands
   near one of the two modes.
 """
@@ -39,11 +40,20 @@ class ShapesDataset(ImageData):
     """Filled circles, squares and triangles of random colour, position and size.
 
     Shapes are rendered from signed distances in pixel units; coverage `clip(0.5 - d, 0, 1)` gives a
-    one-pixel antialiased edge at almost no cost. With `channels=1` all colours are gray levels.
+    one-pixel antialiased edge at almost no cost. With `channels=1` all colours are gray levels. Each image
+    holds 1 to `max_shapes` shapes, each of a radius drawn uniformly from `radius` (fractions of the side).
     """
 
-    def __init__(self, image_size: int = 32, channels: int = 3, length: int = 10000, seed: int = 0):
+    def __init__(self, image_size: int = 32, channels: int = 3, length: int = 10000, seed: int = 0,
+                 max_shapes: int = 3, radius: tuple[float, float] = (0.12, 0.3)):
         _check_args(image_size, channels, length)
+        if max_shapes < 1:
+            raise ConfigError(f"--max_shapes must be at least 1 (shapes per built-in image), got {max_shapes}")
+        if len(radius) != 2 or not 0 < radius[0] <= radius[1] <= 0.5:
+            raise ConfigError(f"--shape_radius takes two fractions of the image side, 0 < LO <= HI <= 0.5, "
+                              f"got {' '.join(map(str, radius))}")
+        self.max_shapes = max_shapes
+        self.radius = (float(radius[0]), float(radius[1]))
         self.image_size = image_size
         self.channels = channels
         self.length = length
@@ -63,9 +73,9 @@ class ShapesDataset(ImageData):
         img = np.broadcast_to(background[:, None, None], (self.channels, self.image_size, self.image_size))
         img = img.copy()  # [C, H, W]
 
-        for _ in range(rng.integers(1, 4)):
+        for _ in range(rng.integers(1, self.max_shapes + 1)):
             kind = rng.integers(3)
-            radius = size * rng.uniform(0.12, 0.3)
+            radius = size * rng.uniform(*self.radius)
             cy, cx = rng.uniform(radius * 0.5, size - radius * 0.5, 2)
             colour = rng.uniform(-1.0, 1.0, self.channels).astype(np.float32)
             if np.abs(colour - background).max() < 0.5:
