@@ -100,10 +100,9 @@ class DataConfig:
                                         "[T, H, W, C] or [T, C, H, W]; videos where av or imageio-ffmpeg is "
                                         "installed); or of simulations, sim_XXXXXX.npz files each holding one "
                                         "[T, C, H, W] trajectory.")
-    max_shapes: int = _field(3, "--dataset shapes: each image holds 1 to this many shapes (the tiny preset: 1).")
+    max_shapes: int = _field(3, "--dataset shapes: each image holds 1 to this many shapes.")
     shape_radius: tuple[float, ...] = _field((0.12, 0.3), "--dataset shapes: the range LO HI that each shape's "
-                                             "radius is drawn from, as fractions of the image side (the tiny "
-                                             "preset: 0.2 0.35).")
+                                             "radius is drawn from, as fractions of the image side.")
     image_column: str | None = _field(None, "Image column of a Hub dataset (default: the first image column).")
     split: str = _field("train", "Split of a Hub dataset.")
     streaming: bool = _field(False, "Stream the images as they are trained on, for data larger than a disk: "
