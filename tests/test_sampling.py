@@ -49,7 +49,9 @@ def test_golden_networks_are_unchanged(golden, self_condition):
     """If this fails, the Unet changed, not the samplers: regenerate the golden file (see its script)."""
     net = golden_script.golden_network(self_condition)
     expected = golden[f"net-sc{int(self_condition)}"]
-    torch.testing.assert_close(golden_script.network_fingerprint(net), expected, atol=1e-6, rtol=0)
+    # 1e-5: float32 kernels round differently across CPUs (1.4e-6 between AVX-512 and AVX2 machines); a changed
+    # network moves outputs of order one.
+    torch.testing.assert_close(golden_script.network_fingerprint(net), expected, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("objective, self_condition, clip", golden_script.SETTINGS)
