@@ -11,7 +11,7 @@ step's seeded generator. Each has the attributes `channels` and `image_size`.
 """
 
 from trainer.data.base import ImageData, check_image_shape
-from trainer.data.builtin import BUILTIN_DATASETS, ShapesDataset, TwoModesDataset
+from trainer.data.builtin import BUILTIN_DATASETS, MAX_SHAPES, SHAPE_RADIUS, ShapesDataset, TwoModesDataset
 from trainer.data.images import ImageDataset, load_hub_dataset, load_image_folder, preprocess_image
 from trainer.errors import ConfigError
 
@@ -33,8 +33,8 @@ DEFAULT_DATASET = "shapes"
 def build_image_dataset(*, dataset: str, train_data_dir: str | None, image_size: int, channels: int,
                         split: str = "train", image_column: str | None = None, seed: int = 0,
                         num_builtin: int = 10000, random_flip: bool = False,
-                        progress: bool = True, max_shapes: int = 3,
-                        shape_radius: tuple[float, float] = (0.12, 0.3)) -> ImageData:
+                        progress: bool = True, max_shapes: int = MAX_SHAPES,
+                        shape_radius: tuple[float, float] = SHAPE_RADIUS) -> ImageData:
     """The training images chosen by `--dataset` / `--train_data_dir`.
 
     Args:

@@ -24,6 +24,10 @@ BUILTIN_DATASETS: dict[str, str] = {
 
 _SEED_MASK = (1 << 64) - 1
 
+# The shapes of every preset but tiny (--max_shapes, --shape_radius): 1 to 3 per image, radii as fractions of the side.
+MAX_SHAPES = 3
+SHAPE_RADIUS = (0.12, 0.3)
+
 
 def _rng(seed: int, index: int) -> np.random.Generator:
     """A generator that depends only on (seed, index)."""
@@ -45,7 +49,7 @@ class ShapesDataset(ImageData):
     """
 
     def __init__(self, image_size: int = 32, channels: int = 3, length: int = 10000, seed: int = 0,
-                 max_shapes: int = 3, radius: tuple[float, float] = (0.12, 0.3)):
+                 max_shapes: int = MAX_SHAPES, radius: tuple[float, float] = SHAPE_RADIUS):
         _check_args(image_size, channels, length)
         if max_shapes < 1:
             raise ConfigError(f"--max_shapes must be at least 1 (shapes per built-in image), got {max_shapes}")
