@@ -213,6 +213,31 @@ def test_a_finished_run_ends_with_a_summary_and_a_loss_curve(tmp_path, capsys):
     assert Image.open(run_dir / "loss.png").size[0] > 300
 
 
+def test_the_loss_curve_draws_the_losses_where_a_log_axis_puts_them(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from trainer.tracking import log_ticks, nice_ticks, plot_loss_curve
+
+    assert nice_ticks(25, 1000) == [200, 400, 600, 800, 1000]
+    assert log_ticks(0.04, 0.6) == [0.05, 0.1, 0.2, 0.5]
+    assert log_ticks(1e-4, 10) == [1e-4, 1e-3, 1e-2, 1e-1, 1, 10]
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    metrics.parent.mkdir()
+    # The loss falls a hundredfold, geometrically: on a log axis that is a straight line.
+    rows = [{"step": s, "loss": 10 ** (-2 * s / 100)} for s in range(0, 101, 10)] + [{"step": 110, "loss": float("nan")}]
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert plot_loss_curve(metrics, tmp_path / "loss.png") == tmp_path / "loss.png"
+    pixels = np.asarray(Image.open(tmp_path / "loss.png").convert("RGB")).astype(int)
+    curve = (np.abs(pixels - np.array([31, 119, 180])).sum(-1) < 60)  # the curve's colour
+    ys, xs = np.nonzero(curve)
+    assert xs.min() < 100 and xs.max() > 600  # from the first step to the last
+    fit = np.polyfit(xs, ys, 1)  # pixel rows grow downwards: a falling loss is a rising row
+    assert fit[0] > 0.3 and np.abs(ys - np.polyval(fit, xs)).max() < 8  # straight, within the dots' size
+    (metrics.parent / "empty.jsonl").write_text('{"step": 1, "loss": 0}\n')
+    assert plot_loss_curve(metrics.parent / "empty.jsonl", tmp_path / "none.png") is None
+
+
 def test_save_and_sample_uses_the_sampler_the_flags_name(tmp_path, monkeypatch):
     import models.sampling as sampling
 

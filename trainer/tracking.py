@@ -259,25 +259,90 @@ def save_clip_gif(x: torch.Tensor, path: Path, *, truth: torch.Tensor | None = N
     return path
 
 
+def nice_ticks(lo: float, hi: float, count: int = 6) -> list[float]:
+    """Round tick values (1, 2 or 5 times a power of ten apart) covering [lo, hi], about `count` of them."""
+    span = max(hi - lo, 1e-12)
+    raw = span / max(count - 1, 1)
+    power = 10 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
+    first = math.ceil(lo / step - 1e-9) * step
+    return [first + i * step for i in range(int((hi - first) / step + 1e-9) + 1)]
+
+
+def log_ticks(lo: float, hi: float) -> list[float]:
+    """Ticks of a log axis over [lo, hi] (lo > 0): the powers of ten inside, with 2 and 5 times them when
+    fewer than three decades are shown; the ends themselves when no such value falls inside."""
+    decades = range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
+    mults = (1,) if math.log10(hi / lo) >= 3 else (1, 2, 5)
+    ticks = [m * 10.0 ** e for e in decades for m in mults if lo <= m * 10.0 ** e <= hi]
+    return ticks or [lo, hi]
+
+
+def tick_label(v: float) -> str:
+    return f"{v:.0e}".replace("e-0", "e-").replace("e+0", "e") if v and (abs(v) < 1e-3 or abs(v) >= 1e5) \
+        else f"{v:g}"
+
+
 def plot_loss_curve(metrics_jsonl: Path, path: Path) -> Path | None:
     """The loss of every log point of `metrics.jsonl` against the step, as a PNG (log scale); None when
-    there is nothing to plot."""
+    there is nothing to plot. Drawn with PIL alone: matplotlib's import costs more than a second at the
+    end of every run."""
     if not metrics_jsonl.is_file():
         return None
     rows = [json.loads(line) for line in metrics_jsonl.read_text().splitlines() if line.strip()]
     rows = [r for r in rows if "loss" in r and math.isfinite(r["loss"]) and r["loss"] > 0]
     if not rows:
         return None
-    import matplotlib
+    from PIL import ImageDraw, ImageFont
 
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
+    steps = [float(r["step"]) for r in rows]
+    losses = [float(r["loss"]) for r in rows]
+    x_lo, x_hi = min(steps), max(steps)
+    if x_hi == x_lo:
+        x_lo, x_hi = x_lo - 1, x_hi + 1
+    y_lo, y_hi = min(losses), max(losses)
+    if y_hi / y_lo < 1.5:  # widen a flat curve to a visible range around it
+        mid = math.sqrt(y_lo * y_hi)
+        y_lo, y_hi = mid / 1.3, mid * 1.3
+    ly_lo, ly_hi = math.log10(y_lo), math.log10(y_hi)
+    pad = 0.05 * (ly_hi - ly_lo)
+    ly_lo, ly_hi = ly_lo - pad, ly_hi + pad
 
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], marker="." if len(rows) < 50 else None)
-    ax.set(xlabel="step", ylabel="training loss", yscale="log", title=f"{metrics_jsonl.parent.name}")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    width, height = 720, 420
+    left, right, top, bottom = 78, 20, 36, 52
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=13)
+    small = ImageFont.load_default(size=11)
+
+    def px(step: float) -> float:
+        return left + (step - x_lo) / (x_hi - x_lo) * (width - left - right)
+
+    def py(loss: float) -> float:
+        return top + (ly_hi - math.log10(loss)) / (ly_hi - ly_lo) * (height - top - bottom)
+
+    grid, ink = (226, 226, 226), (60, 60, 60)
+    for v in log_ticks(10 ** ly_lo, 10 ** ly_hi):
+        y = py(v)
+        draw.line([(left, y), (width - right, y)], fill=grid)
+        draw.text((left - 6, y), tick_label(v), fill=ink, font=small, anchor="rm")
+    for v in nice_ticks(x_lo, x_hi):
+        x = px(v)
+        draw.line([(x, top), (x, height - bottom)], fill=grid)
+        draw.text((x, height - bottom + 6), tick_label(v), fill=ink, font=small, anchor="mt")
+    draw.rectangle([(left, top), (width - right, height - bottom)], outline=ink)
+    points = [(px(s), py(v)) for s, v in zip(steps, losses)]
+    colour = (31, 119, 180)
+    if len(points) > 1:
+        draw.line(points, fill=colour, width=2, joint="curve")
+    if len(points) < 50:
+        for x, y in points:
+            draw.ellipse([(x - 2.5, y - 2.5), (x + 2.5, y + 2.5)], fill=colour)
+    draw.text(((left + width - right) / 2, top / 2), metrics_jsonl.parent.name, fill=ink, font=font, anchor="mm")
+    draw.text(((left + width - right) / 2, height - 14), "step", fill=ink, font=font, anchor="mm")
+    label = Image.new("RGB", (height - top - bottom, 18), "white")
+    ImageDraw.Draw(label).text((label.width / 2, 9), "training loss (log scale)", fill=ink, font=font, anchor="mm")
+    image.paste(label.rotate(90, expand=True), (6, top))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
     return path
