@@ -71,6 +71,30 @@ def test_the_unet3d_loss_with_given_frames_traces_as_one_graph():
     assert counters["stats"]["unique_graphs"] == 1
 
 
+def test_einops_operations_enter_the_graph_as_single_calls():
+    """Traced through, einops' pattern parsing is redone at every call site (most of what dynamo inlined, and a
+    guard on einops' backend registry that recompiled the loss once einops met numpy arrays at a save)."""
+    import einops
+    import numpy as np
+
+    torch._dynamo.reset()
+    targets = []
+
+    def recording(gm, example_inputs):
+        targets.extend(node.target for node in gm.graph.nodes if node.op == "call_function")
+        return gm.forward
+
+    net = compiled(tiny_unet(), name="the tiny Unet", backend=recording)
+    x, t = torch.randn(2, 2, 8, 8), torch.tensor([3, 7])
+    with torch.no_grad():
+        net(x, t)
+        assert targets.count(einops.rearrange) >= 4  # time embedding, scale-shift, attention: each one node
+        graphs = len([n for n in targets if n is einops.rearrange])
+        einops.rearrange(np.zeros((2, 3)), "a b -> b a")  # a new array type for einops, as image grids bring
+        net(x, t)
+    assert len([n for n in targets if n is einops.rearrange]) == graphs  # the same graph ran: no recompile
+
+
 def test_a_function_that_cannot_compile_warns_once_and_runs_eagerly(caplog):
     torch._dynamo.reset()
 
