@@ -213,6 +213,22 @@ def test_a_finished_run_ends_with_a_summary_and_a_loss_curve(tmp_path, capsys):
     assert Image.open(run_dir / "loss.png").size[0] > 300
 
 
+def test_bf16_on_a_cpu_without_bf16_arithmetic_says_fp32_is_faster(tmp_path, capsys, monkeypatch):
+    import trainer.train as train_module
+
+    monkeypatch.setattr(train_module, "cpu_has_native_bf16", lambda: False)
+    train(tmp_path, "--train_num_steps", "2", "--mixed_precision", "bf16", run_name="emulated")
+    out = capsys.readouterr().out
+    assert "mixed precision bf16" in out and "note: --mixed_precision bf16 on this CPU" in out
+    assert "--mixed_precision no trains faster here" in out
+    train(tmp_path, "--train_num_steps", "2", run_name="fp32")
+    assert "note: --mixed_precision" not in capsys.readouterr().out
+    monkeypatch.setattr(train_module, "cpu_has_native_bf16", lambda: True)
+    assert train_module.cpu_bf16_note(torch.device("cpu"), "bf16") is None
+    monkeypatch.setattr(train_module, "cpu_has_native_bf16", lambda: False)
+    assert train_module.cpu_bf16_note(torch.device("cuda"), "bf16") is None
+
+
 def test_the_loss_curve_draws_the_losses_where_a_log_axis_puts_them(tmp_path):
     import numpy as np
     from PIL import Image

@@ -231,6 +231,9 @@ def run(args: dict[str, Any]) -> Path:
         f"run folder: {run_dir}")
     if wandb_note and main_proc:
         say(f"W&B: {wandb_note}")
+    slow_bf16 = cpu_bf16_note(accelerator.device, accelerator.mixed_precision)
+    if slow_bf16:
+        say(slow_bf16)
 
     start = time.perf_counter()
     try:
@@ -286,6 +289,22 @@ def describe_data(cfg: Config, dataset) -> str:
     given = f", the first {data.cond_steps} given" if data.cond_steps else ""
     fields = f", {data.field_channels} static field channel(s)" if data.field_channels else ""
     return f"{len(dataset)} windows of {shape} (C, F, H, W; every {data.ts} frame(s){given}{fields})"
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes in bf16 natively (AMX tiles or AVX-512 BF16); without either, torch emulates
+    bf16 through fp32 conversions."""
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    return any(check() for check in checks if check is not None)
+
+
+def cpu_bf16_note(device: torch.device, mixed_precision: str) -> str | None:
+    """A word for bf16 autocast on a CPU that has no bf16 arithmetic: there it is several times slower than fp32
+    (benchmarks/cpu_step.py on an AVX2 machine: 6-7x)."""
+    if device.type != "cpu" or mixed_precision != "bf16" or cpu_has_native_bf16():
+        return None
+    return ("note: --mixed_precision bf16 on this CPU (no AMX or AVX-512 BF16) is emulated and several times "
+            "slower than fp32; --mixed_precision no trains faster here.")
 
 
 def _str(path: Path | None) -> str | None:
