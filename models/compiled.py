@@ -7,9 +7,9 @@ then on. A failure of `fn` itself is raised as it would be without compiling.
 
 einops' operations enter the graph as single calls (`allow_in_graph`). Dynamo could trace through
 them (torch 2.8 and later do by default), but it then re-parses every pattern symbolically at every
-call site: on the tiny Unet that was about 9,000 of the 11,000 functions dynamo inlined, and it traced
-3x longer. In the graph they are still traced once by AOT autograd (inductor), at the cost of running
-einops' cached recipe.
+call site: on the tiny Unet that was about 9,000 of the 11,000 functions dynamo inlined, and the trace
+took 1.7-3x longer (benchmarks/compile_time.py). In the graph they are still traced once by AOT
+autograd (aot_eager, inductor), at the cost of running einops' cached recipe.
 """
 
 from __future__ import annotations
