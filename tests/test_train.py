@@ -236,8 +236,9 @@ def test_the_loss_curve_draws_the_losses_where_a_log_axis_puts_them(tmp_path):
     from trainer.tracking import log_ticks, nice_ticks, plot_loss_curve
 
     assert nice_ticks(25, 1000) == [200, 400, 600, 800, 1000]
-    assert log_ticks(0.04, 0.6) == [0.05, 0.1, 0.2, 0.5]
+    assert log_ticks(0.04, 6) == [0.05, 0.1, 0.2, 0.5, 1, 2, 5]
     assert log_ticks(1e-4, 10) == [1e-4, 1e-3, 1e-2, 1e-1, 1, 10]
+    assert log_ticks(0.024, 0.21) == [0.03, 0.05, 0.1, 0.2]  # 3s too, under 1.5 decades
     metrics = tmp_path / "run" / "metrics.jsonl"
     metrics.parent.mkdir()
     # The loss falls a hundredfold, geometrically: on a log axis that is a straight line.

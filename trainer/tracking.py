@@ -271,10 +271,13 @@ def nice_ticks(lo: float, hi: float, count: int = 6) -> list[float]:
 
 def log_ticks(lo: float, hi: float) -> list[float]:
     """Ticks of a log axis over [lo, hi] (lo > 0): the powers of ten inside, with 2 and 5 times them when
-    fewer than three decades are shown; the ends themselves when no such value falls inside."""
+    fewer than three decades are shown (and 3 times them below one and a half); the ends themselves when no
+    such value falls inside."""
     decades = range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
-    mults = (1,) if math.log10(hi / lo) >= 3 else (1, 2, 5)
-    ticks = [m * 10.0 ** e for e in decades for m in mults if lo <= m * 10.0 ** e <= hi]
+    span = math.log10(hi / lo)
+    mults = (1,) if span >= 3 else (1, 2, 5) if span >= 1.5 else (1, 2, 3, 5)
+    values = (float(f"{m}e{e}") for e in decades for m in mults)  # exact decimals: 3e-2, not 3 * 10**-2
+    ticks = [v for v in values if lo <= v <= hi]
     return ticks or [lo, hi]
 
 
