@@ -11,7 +11,8 @@ Each row is a fresh subprocess (dynamo's caches and the allow-in-graph registry 
 3. runs --steps more steps and reports the median ("step ms"), then a save-and-sample's worth of
    einops work on numpy arrays (which registers einops' numpy backend) and one more step, to show whether
    anything recompiles;
-4. reads dynamo's counters: graphs compiled, recompiles, and the user functions it inlined while tracing.
+4. reads dynamo's counters: graphs compiled before and after that save, and the user functions it
+   inlined while tracing.
 
 Networks: the 2D Unet of `benchmarks/cpu_step.py` (1.4M parameters, batch 16 at 16x16, pred_v) and a
 tiny factorized Unet3D (batch 2 of 4 frames at 16x16, one given frame).
@@ -41,17 +42,14 @@ def build(network: str):
     from trainer.config import build_config
 
     if network == "unet":
-        cfg = build_config(dict(preset="tiny", dim=32, dim_mults=[1, 2, 2], attn_heads=4, attn_dim_head=32,
-                                image_size=16, timesteps=1000, objective="pred_v", beta_schedule="sigmoid"),
-                           has_gpu=False)
-        shape = (16, 3, 16, 16)
-    else:
-        cfg = build_config(dict(preset="tiny", model="unet3d", dataset="moving_shapes", dim=16, dim_mults=[1, 2],
-                                attn_heads=2, attn_dim_head=16, image_size=16, frames=4, cond_steps=1,
-                                channels=1, timesteps=1000), has_gpu=False)
-        shape = (2, 1, 4, 16, 16)
+        from cpu_step import tiny_diffusion  # benchmarks/ is this script's own folder, first on sys.path
+
+        return tiny_diffusion(), (16, 3, 16, 16)
+    cfg = build_config(dict(preset="tiny", model="unet3d", dataset="moving_shapes", dim=16, dim_mults=[1, 2],
+                            attn_heads=2, attn_dim_head=16, image_size=16, frames=4, cond_steps=1,
+                            channels=1, timesteps=1000), has_gpu=False)
     torch.manual_seed(0)
-    return build_diffusion(cfg, build_network(cfg)), shape
+    return build_diffusion(cfg, build_network(cfg)), (2, 1, 4, 16, 16)
 
 
 def child(network: str, backend: str, einops_mode: str, steps: int) -> dict:
