@@ -251,7 +251,9 @@ class Config:
 # Presets: sizes that depend on the hardware. Only fields the user did not set are taken from here.
 PRESET_VALUES = {
     "tiny": dict(dim=32, dim_mults=(1, 2, 2), attn_heads=2, attn_dim_head=16, image_size=16,
-                 batch_size=16, train_num_steps=1000, lr=1e-3, lr_warmup_steps=50,
+                 batch_size=16, train_num_steps=1000, lr=3e-3, lr_warmup_steps=50,
+                 # lr 1e-3 -> 2e-3 -> 3e-3 on the default job: 64 samples of seeds 0 and 1 scored 0.25/0.29 -> 0.18/0.22
+                 # -> 0.15/0.20 (one training run each, 2 CPU cores).
                  sampling_timesteps=50, save_and_sample_every=250, num_samples=16,
                  ema_update_after_step=50, ema_decay=0.99, ema_update_every=1, log_every=25, fid_num_samples=256,
                  # Measured on the default job (1000 steps of built-in shapes, 2 CPU cores): the share of sample
