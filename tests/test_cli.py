@@ -32,7 +32,7 @@ def test_help_lists_every_flag_with_its_default():
         assert flag in result.stdout, flag
     text = " ".join(result.stdout.split())  # undo argparse's line wrapping
     assert "AdamW weight decay. (default: 0.0)" in text
-    assert "Peak learning rate of AdamW. (default: 8e-05 (tiny: 0.001; full: 8e-05))" in text
+    assert "Peak learning rate of AdamW. (default: 8e-05 (tiny: 0.003; full: 8e-05))" in text
     assert "examples:" in result.stdout
 
 
